@@ -1,0 +1,1 @@
+"""Authorization policy: model, parser and pure evaluation. No I/O of any kind."""

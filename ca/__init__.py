@@ -1,0 +1,1 @@
+"""The meshid certificate authority server."""

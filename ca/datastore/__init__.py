@@ -1,0 +1,1 @@
+"""Persistence for the CA server."""
