@@ -1,0 +1,575 @@
+"""The CA datastore: one repository over SQLite (embedded default) or PostgreSQL.
+
+Owns transactions and the mapping between rows and domain values. Every write goes through
+``Datastore.write()``, a single transaction in which the service also appends the audit event
+recording the change, so a change and its audit record commit or vanish together.
+
+SQLite runs in WAL mode with foreign keys on and ``synchronous=FULL`` (an acknowledged write
+survives a crash of the process or the machine); write transactions start with ``BEGIN
+IMMEDIATE`` so concurrent writers queue on the busy timeout instead of failing on lock upgrade.
+PostgreSQL serialises audit appends on the ``audit_head`` row lock, which also orders the chain
+across server replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from spiffe import SpiffeId, TrustDomain
+from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session
+
+from ..audit import GENESIS_HASH, AuditEvent, canonical_details, event_hash
+from ..entries import RegistrationEntry, Selector
+from ..errors import CaError, Conflict, InvalidArgument, NotFound
+from .migrate import upgrade_to_head
+from .models import (
+    AuditEventRow,
+    AuditHeadRow,
+    AuthorityRow,
+    CounterRow,
+    EntryChangeRow,
+    EntryRow,
+    FederatedBundleRow,
+    JoinTokenRow,
+)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers queue behind each other rather than fail
+BUNDLE_SEQUENCE = "bundle_sequence"
+
+
+class DatastoreError(CaError):
+    """The database could not be reached or refused an operation."""
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def _make_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Any) -> None:
+            if conn.get_execution_options().get("meshid_read_only"):
+                conn.exec_driver_sql("BEGIN")
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        return create_engine(parsed, pool_pre_ping=True, pool_size=10)
+    raise InvalidArgument("database", "must be a sqlite:/// or postgresql:// URL", url)
+
+
+@dataclass(frozen=True)
+class AuthorityRecord:
+    """An authority as stored (keys stay in the key manager; only ``key_id`` is here)."""
+
+    id: str
+    kind: str
+    server_id: str
+    status: str
+    key_id: str
+    key_type: str
+    certificate: bytes | None
+    chain: bytes
+    public_key: bytes
+    kid: str | None
+    not_before: datetime
+    not_after: datetime
+    tainted: bool
+    created_at: datetime
+    activated_at: datetime | None
+    revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class JoinTokenRecord:
+    id: str
+    spiffe_id: str | None
+    created_at: datetime
+    expires_at: datetime
+    used_at: datetime | None
+
+
+@dataclass(frozen=True)
+class FederatedBundleRecord:
+    trust_domain: str
+    jwks: str
+    sequence: int
+    endpoint_url: str | None
+    endpoint_spiffe_id: str | None
+    refreshed_at: datetime | None
+    updated_at: datetime
+
+
+class Datastore:
+    """Opens the database, runs migrations, hands out transactions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = _make_engine(url)
+        self.backend = self.engine.dialect.name
+
+    def migrate(self) -> None:
+        """Run Alembic migrations to head and make sure the singleton rows exist."""
+        try:
+            with self.engine.begin() as conn:
+                upgrade_to_head(conn)
+            with self.write() as tx:
+                tx.ensure_singletons()
+        except SQLAlchemyError as err:
+            raise DatastoreError(f"cannot migrate the datastore: {err}") from err
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def write(self) -> Iterator[Tx]:
+        """One read-write transaction; commits on success, rolls back on any error."""
+        with Session(self.engine, expire_on_commit=False) as session:
+            try:
+                with session.begin():
+                    yield Tx(session)
+            except IntegrityError as err:
+                raise Conflict(f"the change conflicts with stored data: {err.orig}") from err
+            except SQLAlchemyError as err:
+                raise DatastoreError(f"datastore error: {err}") from err
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """A read-only transaction (no write lock on SQLite)."""
+        conn = self.engine.connect().execution_options(meshid_read_only=True)
+        try:
+            with Session(bind=conn) as session, session.begin():
+                yield Tx(session)
+        except SQLAlchemyError as err:
+            raise DatastoreError(f"datastore error: {err}") from err
+        finally:
+            conn.close()
+
+
+def _dump(values: Sequence[str]) -> str:
+    return json.dumps(list(values))
+
+
+def _entry_from_row(row: EntryRow) -> RegistrationEntry:
+    return RegistrationEntry(
+        id=row.id,
+        spiffe_id=SpiffeId(row.spiffe_id),
+        parent_id=SpiffeId(row.parent_id),
+        selectors=tuple(Selector.parse(s) for s in json.loads(row.selectors)),
+        x509_svid_ttl=timedelta(seconds=row.x509_svid_ttl) if row.x509_svid_ttl else None,
+        jwt_svid_ttl=timedelta(seconds=row.jwt_svid_ttl) if row.jwt_svid_ttl else None,
+        dns_names=tuple(json.loads(row.dns_names)),
+        hint=row.hint,
+        admin=row.admin,
+        downstream=row.downstream,
+        federates_with=tuple(TrustDomain(t) for t in json.loads(row.federates_with)),
+        expires_at=row.expires_at,
+        revision=row.revision,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _fill_entry_row(row: EntryRow, entry: RegistrationEntry) -> None:
+    row.spiffe_id = str(entry.spiffe_id)
+    row.parent_id = str(entry.parent_id)
+    row.selectors = _dump([str(s) for s in entry.selectors])
+    row.selectors_key = entry.selectors_key
+    row.x509_svid_ttl = int(entry.x509_svid_ttl.total_seconds()) if entry.x509_svid_ttl else 0
+    row.jwt_svid_ttl = int(entry.jwt_svid_ttl.total_seconds()) if entry.jwt_svid_ttl else 0
+    row.dns_names = _dump(entry.dns_names)
+    row.hint = entry.hint
+    row.admin = entry.admin
+    row.downstream = entry.downstream
+    row.federates_with = _dump([t.name for t in entry.federates_with])
+    row.expires_at = entry.expires_at
+
+
+def _authority_from_row(row: AuthorityRow) -> AuthorityRecord:
+    return AuthorityRecord(
+        id=row.id,
+        kind=row.kind,
+        server_id=row.server_id,
+        status=row.status,
+        key_id=row.key_id,
+        key_type=row.key_type,
+        certificate=row.certificate,
+        chain=row.chain,
+        public_key=row.public_key,
+        kid=row.kid,
+        not_before=row.not_before,
+        not_after=row.not_after,
+        tainted=row.tainted,
+        created_at=row.created_at,
+        activated_at=row.activated_at,
+        revoked_at=row.revoked_at,
+    )
+
+
+def _event_from_row(row: AuditEventRow) -> AuditEvent:
+    details = json.loads(row.details)
+    return AuditEvent(
+        seq=row.seq,
+        at=row.at,
+        kind=row.kind,
+        actor=row.actor,
+        spiffe_id=row.spiffe_id,
+        details=details if isinstance(details, dict) else {"_": details},
+        prev_hash=row.prev_hash,
+        hash=row.hash,
+    )
+
+
+class Tx:
+    """Operations inside one transaction."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    # -- singletons -------------------------------------------------------------------------
+    def ensure_singletons(self) -> None:
+        if self.session.get(AuditHeadRow, 1) is None:
+            self.session.add(AuditHeadRow(id=1, seq=0, hash=GENESIS_HASH))
+        if self.session.get(CounterRow, BUNDLE_SEQUENCE) is None:
+            self.session.add(CounterRow(name=BUNDLE_SEQUENCE, value=0))
+        self.session.flush()
+
+    # -- counters ---------------------------------------------------------------------------
+    def bump_counter(self, name: str) -> int:
+        self.session.execute(
+            update(CounterRow).where(CounterRow.name == name).values(value=CounterRow.value + 1)
+        )
+        value = self.session.scalar(select(CounterRow.value).where(CounterRow.name == name))
+        if value is None:
+            raise DatastoreError(f"counter {name!r} is missing; run migrations")
+        return value
+
+    def counter(self, name: str) -> int:
+        return self.session.scalar(select(CounterRow.value).where(CounterRow.name == name)) or 0
+
+    # -- entries ----------------------------------------------------------------------------
+    def _record_change(self, entry_id: str, op: str, now: datetime) -> int:
+        change = EntryChangeRow(entry_id=entry_id, op=op, at=now)
+        self.session.add(change)
+        self.session.flush()
+        return change.revision
+
+    def create_entry(self, entry: RegistrationEntry, now: datetime) -> RegistrationEntry:
+        entry_id = entry.id or str(uuid.uuid4())
+        self._check_unique(entry, exclude_id=None)
+        revision = self._record_change(entry_id, "create", now)
+        row = EntryRow(id=entry_id, revision=revision, created_at=now, updated_at=now)
+        _fill_entry_row(row, entry)
+        self.session.add(row)
+        self.session.flush()
+        return _entry_from_row(row)
+
+    def _check_unique(self, entry: RegistrationEntry, exclude_id: str | None) -> None:
+        # The unique constraint is the real guard; this check gives the operator a clear message.
+        query = select(EntryRow.id).where(
+            EntryRow.spiffe_id == str(entry.spiffe_id),
+            EntryRow.parent_id == str(entry.parent_id),
+            EntryRow.selectors_key == entry.selectors_key,
+        )
+        if exclude_id is not None:
+            query = query.where(EntryRow.id != exclude_id)
+        existing = self.session.scalar(query)
+        if existing is not None:
+            raise Conflict(
+                f"an entry with the same spiffe_id, parent_id and selectors exists: {existing}"
+            )
+
+    def get_entry(self, entry_id: str) -> RegistrationEntry:
+        row = self.session.get(EntryRow, entry_id)
+        if row is None:
+            raise NotFound(f"entry {entry_id!r} not found")
+        return _entry_from_row(row)
+
+    def list_entries(
+        self,
+        *,
+        spiffe_id: str | None = None,
+        parent_id: str | None = None,
+        selector: str | None = None,
+        limit: int | None = None,
+    ) -> list[RegistrationEntry]:
+        query = select(EntryRow).order_by(EntryRow.spiffe_id, EntryRow.id)
+        if spiffe_id is not None:
+            query = query.where(EntryRow.spiffe_id == spiffe_id)
+        if parent_id is not None:
+            query = query.where(EntryRow.parent_id == parent_id)
+        if selector is not None:
+            query = query.where(EntryRow.selectors.contains(json.dumps(selector)))
+        if limit is not None:
+            query = query.limit(limit)
+        return [_entry_from_row(r) for r in self.session.scalars(query)]
+
+    def update_entry(self, entry: RegistrationEntry, now: datetime) -> RegistrationEntry:
+        row = self.session.get(EntryRow, entry.id, with_for_update=True)
+        if row is None:
+            raise NotFound(f"entry {entry.id!r} not found")
+        self._check_unique(entry, exclude_id=entry.id)
+        _fill_entry_row(row, entry)
+        row.revision = self._record_change(entry.id, "update", now)
+        row.updated_at = now
+        self.session.flush()
+        return _entry_from_row(row)
+
+    def delete_entry(self, entry_id: str, now: datetime) -> RegistrationEntry:
+        row = self.session.get(EntryRow, entry_id, with_for_update=True)
+        if row is None:
+            raise NotFound(f"entry {entry_id!r} not found")
+        entry = _entry_from_row(row)
+        revision = self._record_change(entry_id, "delete", now)
+        self.session.delete(row)
+        self.session.flush()
+        return replace(entry, revision=revision)
+
+    def count_entries(self) -> int:
+        return self.session.scalar(select(func.count()).select_from(EntryRow)) or 0
+
+    # -- audit ------------------------------------------------------------------------------
+    def append_audit(
+        self,
+        *,
+        kind: str,
+        actor: str,
+        now: datetime,
+        spiffe_id: str | None = None,
+        details: dict[str, Any] | None = None,
+        authority_id: str | None = None,
+        not_after: datetime | None = None,
+    ) -> AuditEvent:
+        # Take the head's lock first (UPDATE), so concurrent appenders queue here.
+        self.session.execute(
+            update(AuditHeadRow).where(AuditHeadRow.id == 1).values(seq=AuditHeadRow.seq + 1)
+        )
+        head = self.session.execute(
+            select(AuditHeadRow.seq, AuditHeadRow.hash).where(AuditHeadRow.id == 1)
+        ).one()
+        seq, prev_hash = int(head.seq), str(head.hash)
+        details_json = canonical_details(details or {})
+        digest = event_hash(
+            seq=seq,
+            at=now,
+            kind=kind,
+            actor=actor,
+            spiffe_id=spiffe_id,
+            details_json=details_json,
+            prev_hash=prev_hash,
+        )
+        self.session.add(
+            AuditEventRow(
+                seq=seq,
+                at=now,
+                kind=kind,
+                actor=actor,
+                spiffe_id=spiffe_id,
+                authority_id=authority_id,
+                not_after=not_after,
+                details=details_json,
+                prev_hash=prev_hash,
+                hash=digest,
+            )
+        )
+        self.session.execute(update(AuditHeadRow).where(AuditHeadRow.id == 1).values(hash=digest))
+        return AuditEvent(
+            seq, now, kind, actor, spiffe_id, json.loads(details_json), prev_hash, digest
+        )
+
+    def list_audit(
+        self,
+        *,
+        spiffe_id: str | None = None,
+        kind: str | None = None,
+        since: datetime | None = None,
+        after_seq: int = 0,
+        limit: int = 1000,
+    ) -> list[AuditEvent]:
+        query = select(AuditEventRow).where(AuditEventRow.seq > after_seq)
+        if spiffe_id is not None:
+            query = query.where(AuditEventRow.spiffe_id == spiffe_id)
+        if kind is not None:
+            query = query.where(AuditEventRow.kind == kind)
+        if since is not None:
+            query = query.where(AuditEventRow.at >= since)
+        query = query.order_by(AuditEventRow.seq).limit(limit)
+        return [_event_from_row(r) for r in self.session.scalars(query)]
+
+    def audit_head(self) -> tuple[int, str]:
+        head = self.session.get(AuditHeadRow, 1)
+        if head is None:
+            return 0, GENESIS_HASH
+        return head.seq, head.hash
+
+    def iter_audit(self, batch: int = 2000) -> Iterator[AuditEvent]:
+        after = 0
+        while True:
+            query = (
+                select(AuditEventRow)
+                .where(AuditEventRow.seq > after)
+                .order_by(AuditEventRow.seq)
+                .limit(batch)
+            )
+            rows = list(self.session.scalars(query))
+            if not rows:
+                return
+            for row in rows:
+                yield _event_from_row(row)
+            after = rows[-1].seq
+
+    def latest_svid_not_after(self, authority_id: str) -> datetime | None:
+        """The latest expiry of any SVID the authority signed (from the audit log)."""
+        return self.session.scalar(
+            select(func.max(AuditEventRow.not_after)).where(
+                AuditEventRow.authority_id == authority_id
+            )
+        )
+
+    # -- authorities ------------------------------------------------------------------------
+    def insert_authority(self, record: AuthorityRecord) -> None:
+        self.session.add(AuthorityRow(**record.__dict__))
+        self.session.flush()
+
+    def list_authorities(
+        self,
+        *,
+        kind: str | None = None,
+        server_id: str | None = None,
+        include_revoked: bool = False,
+    ) -> list[AuthorityRecord]:
+        query = select(AuthorityRow).order_by(AuthorityRow.not_before)
+        if kind is not None:
+            query = query.where(AuthorityRow.kind == kind)
+        if server_id is not None:
+            query = query.where(AuthorityRow.server_id == server_id)
+        if not include_revoked:
+            query = query.where(AuthorityRow.status != "revoked")
+        return [_authority_from_row(r) for r in self.session.scalars(query)]
+
+    def get_authority(self, authority_id: str, *, lock: bool = False) -> AuthorityRecord:
+        row = self.session.get(AuthorityRow, authority_id, with_for_update=lock)
+        if row is None:
+            raise NotFound(f"authority {authority_id!r} not found")
+        return _authority_from_row(row)
+
+    def update_authority(self, authority_id: str, **values: Any) -> None:
+        self.session.execute(
+            update(AuthorityRow).where(AuthorityRow.id == authority_id).values(**values)
+        )
+
+    # -- join tokens ------------------------------------------------------------------------
+    def insert_token(
+        self,
+        token_id: str,
+        token_hash: str,
+        spiffe_id: str | None,
+        now: datetime,
+        expires_at: datetime,
+    ) -> JoinTokenRecord:
+        self.session.add(
+            JoinTokenRow(
+                id=token_id,
+                token_hash=token_hash,
+                spiffe_id=spiffe_id,
+                created_at=now,
+                expires_at=expires_at,
+            )
+        )
+        self.session.flush()
+        return JoinTokenRecord(token_id, spiffe_id, now, expires_at, None)
+
+    def redeem_token(self, token_hash: str, now: datetime) -> JoinTokenRecord | None:
+        """Mark the token used if it is unused and unexpired; None otherwise (single use)."""
+        result = self.session.execute(
+            update(JoinTokenRow)
+            .where(
+                JoinTokenRow.token_hash == token_hash,
+                JoinTokenRow.used_at.is_(None),
+                JoinTokenRow.expires_at > now,
+            )
+            .values(used_at=now)
+        )
+        if getattr(result, "rowcount", 0) != 1:
+            return None
+        row = self.session.scalar(select(JoinTokenRow).where(JoinTokenRow.token_hash == token_hash))
+        assert row is not None
+        return JoinTokenRecord(row.id, row.spiffe_id, row.created_at, row.expires_at, row.used_at)
+
+    def list_tokens(self) -> list[JoinTokenRecord]:
+        rows = self.session.scalars(select(JoinTokenRow).order_by(JoinTokenRow.created_at))
+        return [
+            JoinTokenRecord(r.id, r.spiffe_id, r.created_at, r.expires_at, r.used_at) for r in rows
+        ]
+
+    def prune_tokens(self, now: datetime) -> int:
+        result = self.session.execute(delete(JoinTokenRow).where(JoinTokenRow.expires_at <= now))
+        return int(getattr(result, "rowcount", 0))
+
+    # -- federated bundles ------------------------------------------------------------------
+    def set_federated_bundle(self, record: FederatedBundleRecord) -> None:
+        row = self.session.get(FederatedBundleRow, record.trust_domain, with_for_update=True)
+        if row is None:
+            self.session.add(FederatedBundleRow(**record.__dict__))
+        else:
+            for key, value in record.__dict__.items():
+                setattr(row, key, value)
+        self.session.flush()
+
+    def get_federated_bundle(self, trust_domain: str) -> FederatedBundleRecord:
+        row = self.session.get(FederatedBundleRow, trust_domain)
+        if row is None:
+            raise NotFound(f"no federated bundle for trust domain {trust_domain!r}")
+        return _federated_from_row(row)
+
+    def list_federated_bundles(self) -> list[FederatedBundleRecord]:
+        rows = self.session.scalars(
+            select(FederatedBundleRow).order_by(FederatedBundleRow.trust_domain)
+        )
+        return [_federated_from_row(r) for r in rows]
+
+    def delete_federated_bundle(self, trust_domain: str) -> None:
+        row = self.session.get(FederatedBundleRow, trust_domain)
+        if row is None:
+            raise NotFound(f"no federated bundle for trust domain {trust_domain!r}")
+        self.session.delete(row)
+        self.session.flush()
+
+
+def _federated_from_row(row: FederatedBundleRow) -> FederatedBundleRecord:
+    return FederatedBundleRecord(
+        trust_domain=row.trust_domain,
+        jwks=row.jwks,
+        sequence=row.sequence,
+        endpoint_url=row.endpoint_url,
+        endpoint_spiffe_id=row.endpoint_spiffe_id,
+        refreshed_at=row.refreshed_at,
+        updated_at=row.updated_at,
+    )

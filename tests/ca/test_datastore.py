@@ -1,0 +1,114 @@
+"""The repository suite, run on SQLite and on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from spiffe import TrustDomain
+from sqlalchemy import text
+
+from ca.audit import verify_chain
+from ca.datastore import Datastore
+from ca.entries import EntrySpec, validate_entry
+from ca.errors import Conflict, NotFound
+
+TD = TrustDomain("example.org")
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Datastore]:
+    ds = Datastore(database_url)
+    ds.migrate()
+    yield ds
+    ds.close()
+
+
+def _entry(
+    spiffe_id: str = "spiffe://example.org/web", selectors: tuple[str, ...] = ("unix:uid:1000",)
+):
+    return validate_entry(
+        EntrySpec(spiffe_id=spiffe_id, parent_id="spiffe://example.org/node", selectors=selectors),
+        TD,
+    )
+
+
+def test_migrate_is_idempotent(store: Datastore) -> None:
+    store.migrate()
+    with store.read() as tx:
+        assert tx.audit_head()[0] == 0
+
+
+def test_entry_roundtrip_and_revisions(store: Datastore) -> None:
+    with store.write() as tx:
+        created = tx.create_entry(_entry(), NOW)
+    with store.write() as tx:
+        updated = tx.update_entry(
+            _entry(selectors=("unix:uid:1001",)).__class__(
+                **{**_entry(selectors=("unix:uid:1001",)).__dict__, "id": created.id}
+            ),
+            NOW,
+        )
+    assert updated.revision > created.revision
+    with store.read() as tx:
+        got = tx.get_entry(created.id)
+    assert [str(s) for s in got.selectors] == ["unix:uid:1001"]
+    assert got.created_at == NOW and got.created_at.tzinfo is not None
+    with store.write() as tx:
+        deleted = tx.delete_entry(created.id, NOW)
+    assert deleted.revision > updated.revision
+    with store.read() as tx, pytest.raises(NotFound):
+        tx.get_entry(created.id)
+
+
+def test_duplicate_entry_rejected_and_nothing_written(store: Datastore) -> None:
+    with store.write() as tx:
+        tx.create_entry(_entry(), NOW)
+    with (
+        pytest.raises(Conflict, match="same spiffe_id, parent_id and selectors"),
+        store.write() as tx,
+    ):
+        tx.append_audit(kind="entry.created", actor="test", now=NOW)
+        tx.create_entry(_entry(), NOW)
+    with store.read() as tx:
+        assert tx.count_entries() == 1
+        assert tx.audit_head()[0] == 0  # the audit append rolled back with the failed create
+
+
+def test_audit_chain_verifies_and_detects_tampering(store: Datastore) -> None:
+    with store.write() as tx:
+        for i in range(5):
+            tx.append_audit(kind="entry.created", actor="uid:0", now=NOW, details={"i": i})
+    with store.read() as tx:
+        seq, head = tx.audit_head()
+        assert verify_chain(tx.iter_audit(), head_seq=seq, head_hash=head).ok
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE audit_events SET details = :d WHERE seq = 3"), {"d": '{"i":42}'})
+    with store.read() as tx:
+        verdict = verify_chain(tx.iter_audit(), head_seq=seq, head_hash=head)
+    assert not verdict.ok and verdict.first_bad_seq == 3
+
+
+def test_audit_removed_tail_detected(store: Datastore) -> None:
+    with store.write() as tx:
+        for _ in range(3):
+            tx.append_audit(kind="entry.created", actor="uid:0", now=NOW)
+    with store.engine.begin() as conn:
+        conn.execute(text("DELETE FROM audit_events WHERE seq = 3"))
+    with store.read() as tx:
+        seq, head = tx.audit_head()
+        verdict = verify_chain(tx.iter_audit(), head_seq=seq, head_hash=head)
+    assert not verdict.ok and verdict.first_bad_seq == 3 and "removed" in verdict.reason
+
+
+def test_join_token_single_use_and_expiry(store: Datastore) -> None:
+    with store.write() as tx:
+        tx.insert_token("t1", "h1", None, NOW, NOW + timedelta(seconds=600))
+        tx.insert_token("t2", "h2", None, NOW, NOW + timedelta(seconds=1))
+    with store.write() as tx:
+        assert tx.redeem_token("h1", NOW) is not None
+    with store.write() as tx:
+        assert tx.redeem_token("h1", NOW) is None
+        assert tx.redeem_token("h2", NOW + timedelta(seconds=2)) is None
