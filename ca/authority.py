@@ -31,6 +31,7 @@ class Status(StrEnum):
     PREPARED = "prepared"
     ACTIVE = "active"
     OLD = "old"
+    EXPIRED = "expired"
     REVOKED = "revoked"
 
 

@@ -113,6 +113,12 @@ def selectors_key(selectors: Iterable[Selector]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()
 
 
+def _detail(err: PySpiffeError) -> str:
+    """py-spiffe's reason without its repetition of the input (we show the value ourselves)."""
+    text = str(err)
+    return text.split("': ", 1)[1] if "': " in text else text.split(": ", 1)[-1]
+
+
 def parse_spiffe_id(value: object, field_name: str) -> SpiffeId:
     """Parse a SPIFFE ID with py-spiffe, naming the field on failure (SPIFFE-ID §2)."""
     if not isinstance(value, str):
@@ -122,7 +128,7 @@ def parse_spiffe_id(value: object, field_name: str) -> SpiffeId:
     try:
         parsed = SpiffeId(value)
     except PySpiffeError as err:
-        raise InvalidArgument(field_name, f"invalid SPIFFE ID: {err}", value) from err
+        raise InvalidArgument(field_name, f"invalid SPIFFE ID: {_detail(err)}", value) from err
     if str(parsed) != value:
         # py-spiffe folds case; the spec allows only lowercase scheme and trust domain.
         raise InvalidArgument(
@@ -138,7 +144,7 @@ def parse_trust_domain(value: object, field_name: str) -> TrustDomain:
     try:
         parsed = TrustDomain(value)
     except PySpiffeError as err:
-        raise InvalidArgument(field_name, f"invalid trust domain: {err}", value) from err
+        raise InvalidArgument(field_name, f"invalid trust domain: {_detail(err)}", value) from err
     if value not in (parsed.name, parsed.as_spiffe_id()):
         raise InvalidArgument(field_name, "must be lowercase (SPIFFE-ID §2.1)", value)
     return parsed

@@ -113,7 +113,9 @@ class AuthorityRow(Base):
     key_id: Mapped[str] = mapped_column(String(128))
     key_type: Mapped[str] = mapped_column(String(16))
     certificate: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # DER, x509
-    chain: Mapped[bytes] = mapped_column(LargeBinary, default=b"")  # DER certs after the leaf
+    chain: Mapped[bytes] = mapped_column(
+        LargeBinary, default=b""
+    )  # PEM certs appended after the leaf
     public_key: Mapped[bytes] = mapped_column(LargeBinary)  # SubjectPublicKeyInfo DER
     kid: Mapped[str | None] = mapped_column(String(64), nullable=True)  # jwt
     not_before: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,5 @@
+"""``python -m meshid``."""
+
+from .cli import main
+
+main()
