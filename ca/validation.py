@@ -1,0 +1,305 @@
+"""Spec conformance and path checks for X509-SVIDs: the CA validates its own output.
+
+Owns the checks of the X509-SVID standard (every MUST for the leaf and its signing certificates)
+and a small chain verifier (signatures, validity at a given time, anchoring in given roots). The
+server runs both on every chain it signs before the chain leaves the CA (SPIRE does the same),
+and they serve to check chains received from elsewhere.
+
+Rules of this module:
+- Pure: no I/O, no clock reads; ``now`` is a parameter.
+- Every failure is ``InvalidSvid`` whose message names the certificate (position and serial),
+  what is wrong and the spec section broken, e.g.
+  ``leaf certificate has cA=true (serial 0x1f); X509-SVID §4.1 forbids it``.
+- This is not a general RFC 5280 path builder: the chain is taken in the order given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import TypeVar
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from spiffe import SpiffeId, TrustDomain
+from spiffe.errors import PySpiffeError
+
+from .errors import InvalidArgument, InvalidSvid
+
+__all__ = [
+    "parse_spiffe_id",
+    "validate_signing_certificate",
+    "validate_x509_svid",
+    "verify_chain",
+]
+
+_SPIFFE_SCHEME = "spiffe:"
+_E = TypeVar("_E", bound=x509.ExtensionType)
+_LEAF = "leaf certificate"
+_SIGNING = "signing certificate"
+
+
+def parse_spiffe_id(text: str, *, what: str) -> SpiffeId:
+    """Parse ``text`` as a SPIFFE ID in canonical form, or raise ``InvalidSvid`` about ``what``.
+
+    py-spiffe accepts an upper-case scheme or trust domain and lower-cases it; an SVID must carry
+    the canonical form (SPIFFE-ID §2.1: trust domain names are lower case).
+    """
+    try:
+        spiffe_id = SpiffeId(text)
+    except PySpiffeError as err:
+        raise InvalidSvid(f"{what} {text!r} is not a SPIFFE ID: {err}; SPIFFE-ID §2") from err
+    if str(spiffe_id) != text:
+        raise InvalidSvid(
+            f"{what} {text!r} is not in canonical form (expected {str(spiffe_id)!r}); "
+            "SPIFFE-ID §2.1 requires a lower-case scheme and trust domain"
+        )
+    return spiffe_id
+
+
+def validate_x509_svid(
+    chain: Sequence[x509.Certificate], *, trust_domain: TrustDomain | None = None
+) -> SpiffeId:
+    """Check the leaf and signing certificates of ``chain`` (leaf first) against X509-SVID.
+
+    Returns the leaf's SPIFFE ID. With ``trust_domain``, the leaf must belong to it. Signatures
+    and validity times are ``verify_chain``'s job.
+    """
+    if not chain:
+        raise InvalidSvid("the chain is empty; X509-SVID §5.1 needs at least the leaf")
+    leaf = chain[0]
+    spiffe_id = _check_leaf(leaf)
+    if trust_domain is not None and spiffe_id.trust_domain != trust_domain:
+        raise InvalidSvid(
+            f"{_LEAF} SPIFFE ID {spiffe_id} is not in trust domain {trust_domain} "
+            f"({_serial(leaf)}); SPIFFE bundle §3 binds each SVID to its own trust domain"
+        )
+    for index, cert in enumerate(chain[1:], start=1):
+        _check_signing(cert, spiffe_id.trust_domain, f"{_SIGNING} #{index}")
+    return spiffe_id
+
+
+def validate_signing_certificate(cert: x509.Certificate, trust_domain: TrustDomain) -> None:
+    """Check an authority certificate against X509-SVID §3.2, §4.1 and §4.3."""
+    _check_signing(cert, trust_domain, _SIGNING)
+
+
+def verify_chain(
+    chain: Sequence[x509.Certificate], roots: Sequence[x509.Certificate], *, now: datetime
+) -> None:
+    """Verify that ``chain`` (leaf first) leads to one of ``roots`` and is valid at ``now``.
+
+    Each certificate must be signed by the next one, and the last by one of ``roots`` (or be one
+    of them). Every certificate used, the anchoring root included, must be within its validity
+    at ``now``.
+    """
+    if now.tzinfo is None or now.utcoffset() is None:
+        raise InvalidArgument("now", "must be a timezone-aware datetime")
+    if not chain:
+        raise InvalidSvid("the chain is empty; X509-SVID §5.1 needs at least the leaf")
+    for index, cert in enumerate(chain):
+        _check_time(cert, _label(index), now)
+    for index in range(len(chain) - 1):
+        child, parent = chain[index], chain[index + 1]
+        problem = _signature_problem(child, parent)
+        if problem is not None:
+            raise InvalidSvid(
+                f"{_label(index)} ({_serial(child)}) is not signed by {_label(index + 1)} "
+                f"({_serial(parent)}): {problem}; X509-SVID §5.1 requires a valid path"
+            )
+
+    last_index = len(chain) - 1
+    last = chain[last_index]
+    if any(last == root for root in roots):
+        return
+    expired_issuer: x509.Certificate | None = None
+    for root in roots:
+        if _signature_problem(last, root) is not None:
+            continue
+        if _time_problem(root, now) is None:
+            return
+        expired_issuer = root
+    if expired_issuer is not None:
+        raise InvalidSvid(
+            f"the trusted root ({_serial(expired_issuer)}) that signed {_label(last_index)} "
+            f"({_serial(last)}) {_time_problem(expired_issuer, now)}; "
+            "X509-SVID §5.1 (RFC 5280 §6.1.3) requires every certificate of the path to be valid"
+        )
+    raise InvalidSvid(
+        f"{_label(last_index)} ({_serial(last)}) is signed by an unknown authority "
+        f"(issuer {last.issuer.rfc4514_string()!r}, none of the {len(roots)} trusted roots "
+        "verifies it); X509-SVID §5.1 requires a path to the trust bundle"
+    )
+
+
+# --- private helpers -------------------------------------------------------------------------
+
+
+def _label(index: int) -> str:
+    return _LEAF if index == 0 else f"{_SIGNING} #{index}"
+
+
+def _serial(cert: x509.Certificate) -> str:
+    return f"serial 0x{cert.serial_number:x}"
+
+
+def _check_time(cert: x509.Certificate, label: str, now: datetime) -> None:
+    problem = _time_problem(cert, now)
+    if problem is not None:
+        raise InvalidSvid(
+            f"{label} ({_serial(cert)}) {problem}; RFC 5280 §6.1.3 requires it valid at "
+            f"{now.isoformat()}"
+        )
+
+
+def _time_problem(cert: x509.Certificate, now: datetime) -> str | None:
+    if now < cert.not_valid_before_utc:
+        return f"is not yet valid (not before {cert.not_valid_before_utc.isoformat()})"
+    if now > cert.not_valid_after_utc:
+        return f"expired at {cert.not_valid_after_utc.isoformat()}"
+    return None
+
+
+def _signature_problem(child: x509.Certificate, parent: x509.Certificate) -> str | None:
+    try:
+        child.verify_directly_issued_by(parent)
+    except InvalidSignature:
+        return "the signature does not verify"
+    except (ValueError, TypeError) as err:
+        return str(err) or type(err).__name__
+    return None
+
+
+def _extension(cert: x509.Certificate, kind: type[_E]) -> x509.Extension[_E] | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind)
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as err:  # duplicate or undecodable extensions
+        raise InvalidSvid(f"certificate ({_serial(cert)}) has malformed extensions: {err}") from err
+
+
+def _uri_sans(
+    cert: x509.Certificate,
+) -> tuple[list[str], x509.Extension[x509.SubjectAlternativeName] | None]:
+    ext = _extension(cert, x509.SubjectAlternativeName)
+    if ext is None:
+        return [], None
+    return ext.value.get_values_for_type(x509.UniformResourceIdentifier), ext
+
+
+def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
+    serial = _serial(leaf)
+    uris, san = _uri_sans(leaf)
+    if not uris:
+        raise InvalidSvid(
+            f"{_LEAF} has no URI SAN ({serial}); X509-SVID §2 requires exactly one SPIFFE ID"
+        )
+    if len(uris) > 1:
+        raise InvalidSvid(
+            f"{_LEAF} has {len(uris)} URI SANs ({serial}); X509-SVID §2 requires exactly one"
+        )
+    spiffe_id = parse_spiffe_id(uris[0], what=f"{_LEAF} ({serial}) URI SAN")
+    if not spiffe_id.path:
+        raise InvalidSvid(
+            f"{_LEAF} SPIFFE ID {spiffe_id} has a root path ({serial}); "
+            "X509-SVID §3.1 requires a non-root path"
+        )
+    if len(leaf.subject) == 0 and san is not None and not san.critical:
+        raise InvalidSvid(
+            f"{_LEAF} has an empty subject and a non-critical SAN ({serial}); "
+            "X509-SVID §3.1 requires the SAN to be critical then"
+        )
+
+    bc = _extension(leaf, x509.BasicConstraints)
+    if bc is None:
+        raise InvalidSvid(
+            f"{_LEAF} has no basicConstraints ({serial}); X509-SVID §4.1 requires cA=false"
+        )
+    if bc.value.ca:
+        raise InvalidSvid(f"{_LEAF} has cA=true ({serial}); X509-SVID §4.1 forbids it")
+
+    ku = _key_usage(leaf, _LEAF)
+    if not ku.digital_signature:
+        raise InvalidSvid(
+            f"{_LEAF} keyUsage lacks digitalSignature ({serial}); X509-SVID §4.3 requires it"
+        )
+    if ku.key_cert_sign:
+        raise InvalidSvid(f"{_LEAF} keyUsage has keyCertSign ({serial}); X509-SVID §4.3 forbids it")
+    if ku.crl_sign:
+        raise InvalidSvid(f"{_LEAF} keyUsage has cRLSign ({serial}); X509-SVID §4.3 forbids it")
+
+    eku = _extension(leaf, x509.ExtendedKeyUsage)
+    if eku is not None:
+        usages = set(eku.value)
+        for oid, name in (
+            (ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
+            (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth"),
+        ):
+            if oid not in usages:
+                raise InvalidSvid(
+                    f"{_LEAF} extendedKeyUsage lacks {name} ({serial}); "
+                    "X509-SVID §4.4 requires serverAuth and clientAuth when present"
+                )
+    return spiffe_id
+
+
+def _key_usage(cert: x509.Certificate, label: str) -> x509.KeyUsage:
+    serial = _serial(cert)
+    ku = _extension(cert, x509.KeyUsage)
+    if ku is None:
+        raise InvalidSvid(f"{label} has no keyUsage ({serial}); X509-SVID §4.3 requires it")
+    if not ku.critical:
+        raise InvalidSvid(
+            f"{label} keyUsage is not critical ({serial}); X509-SVID §4.3 requires critical"
+        )
+    return ku.value
+
+
+def _check_signing(cert: x509.Certificate, trust_domain: TrustDomain, label: str) -> None:
+    serial = _serial(cert)
+    bc = _extension(cert, x509.BasicConstraints)
+    if bc is None:
+        raise InvalidSvid(
+            f"{label} has no basicConstraints ({serial}); X509-SVID §4.1 requires cA=true"
+        )
+    if not bc.value.ca:
+        raise InvalidSvid(f"{label} has cA=false ({serial}); X509-SVID §4.1 requires cA=true")
+
+    uris, _ = _uri_sans(cert)
+    spiffe_uris = [uri for uri in uris if uri[: len(_SPIFFE_SCHEME)].lower() == _SPIFFE_SCHEME]
+    if len(spiffe_uris) > 1:
+        raise InvalidSvid(
+            f"{label} has {len(spiffe_uris)} SPIFFE IDs ({serial}); X509-SVID §2 allows one"
+        )
+    is_svid = bool(spiffe_uris)
+    if is_svid:
+        spiffe_id = parse_spiffe_id(spiffe_uris[0], what=f"{label} ({serial}) URI SAN")
+        if spiffe_id.path:
+            raise InvalidSvid(
+                f"{label} SPIFFE ID {spiffe_id} has a path ({serial}); "
+                "X509-SVID §3.2 forbids a path on signing certificates"
+            )
+        if spiffe_id.trust_domain != trust_domain:
+            raise InvalidSvid(
+                f"{label} SPIFFE ID {spiffe_id} is not in trust domain {trust_domain} "
+                f"({serial}); X509-SVID §3.2 wants signing certificates in the trust domain "
+                "of the SVIDs they issue"
+            )
+
+    if is_svid:
+        ku = _key_usage(cert, label)
+    else:
+        # An upstream CA without a SPIFFE ID is not an SVID: §4.3's "critical" is not ours to
+        # demand of it, but it must still be allowed to sign certificates.
+        ku_ext = _extension(cert, x509.KeyUsage)
+        if ku_ext is None:
+            raise InvalidSvid(
+                f"{label} has no keyUsage ({serial}); X509-SVID §4.3 requires keyCertSign"
+            )
+        ku = ku_ext.value
+    if not ku.key_cert_sign:
+        raise InvalidSvid(
+            f"{label} keyUsage lacks keyCertSign ({serial}); X509-SVID §4.3 requires it"
+        )
