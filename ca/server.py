@@ -8,8 +8,10 @@ APScheduler job that runs the rotation planner, and orderly shutdown on SIGTERM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 import struct
 import uuid
@@ -85,6 +87,17 @@ def bind_private_socket(path: Path) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal capture: uvicorn re-raises the captured signal after
+    shutdown, which would make an orderly SIGTERM exit look like a crash (status -15)."""
+
+    def capture_signals(self) -> contextlib.AbstractContextManager[None]:  # type: ignore[override]
+        return contextlib.nullcontext()
+
+    def request_exit(self) -> None:
+        self.should_exit = True
+
+
 def _server_id(data_dir: Path) -> str:
     path = data_dir / "server_id"
     if path.exists():
@@ -158,7 +171,10 @@ async def serve(config: ServerConfig) -> None:
     uv_config = uvicorn.Config(
         app, http=PeerCredProtocol, lifespan="off", log_level="warning", access_log=False
     )
-    server = uvicorn.Server(uv_config)
+    server = _Server(uv_config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.request_exit)
     log.info(
         "server ready",
         extra={"trust_domain": config.trust_domain, "admin_socket": str(config.socket_path())},

@@ -226,7 +226,14 @@ class CaService:
                     self._bundle_changed(tx, now, actor, reason="rotation")
             self._load_signers()
         for action in actions:
-            log.info("authority rotation step", extra={"action": action})
+            log.info(
+                "authority rotation step",
+                extra={
+                    "step": type(action).__name__.lower(),
+                    "kind": action.kind.value,
+                    "authority_id": getattr(action, "id", None) or "new",
+                },
+            )
         return actions
 
     def prepare(self, kind: AuthorityKind, actor: str) -> AuthorityRecord:

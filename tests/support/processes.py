@@ -1,0 +1,104 @@
+"""Real meshid processes for end-to-end tests: started, awaited on their ready line, stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+READY_TIMEOUT = 60.0  # seconds; generous for a loaded 2-core CI machine
+SERVER_READY = "meshid server ready"
+
+
+def meshid(
+    *args: str, env: dict[str, str] | None = None, check: bool = False, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "meshid", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@dataclass
+class ServerProcess:
+    """``meshid server run`` in a subprocess with its output collected."""
+
+    data_dir: Path
+    socket: Path
+    trust_domain: str = "example.org"
+    extra_args: Sequence[str] = ()
+    database: str | None = None
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+    _pump: threading.Thread = field(init=False, repr=False)
+
+    def start(self) -> ServerProcess:
+        args = [
+            sys.executable, "-m", "meshid", "server", "run",
+            "--data-dir", str(self.data_dir),
+            "--trust-domain", self.trust_domain,
+            "--admin-socket", str(self.socket),
+            *(["--database", self.database] if self.database else []),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if SERVER_READY in line:
+                    ready.set()
+            ready.set()  # process ended: wake the waiter
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        if not ready.wait(READY_TIMEOUT) or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError("server did not become ready:\n" + "".join(self.output))
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no cleanup, as in a crash."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._close()
+
+    def _close(self) -> None:
+        assert self.proc is not None
+        self._pump.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._close()
+        return self.proc.returncode
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return meshid(*args, "--socket", str(self.socket))
