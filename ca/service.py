@@ -407,7 +407,8 @@ class CaService:
     ) -> None:
         for a in tx.list_authorities(kind=kind, server_id=self.settings.server_id):
             if a.status == Status.ACTIVE:
-                tx.update_authority(a.id, status=Status.OLD)
+                retired = Status.EXPIRED if a.not_after <= now else Status.OLD
+                tx.update_authority(a.id, status=retired)
         tx.update_authority(authority_id, status=Status.ACTIVE, activated_at=now)
         tx.append_audit(
             kind=EventKind.AUTHORITY_ACTIVATED,
