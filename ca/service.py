@@ -15,7 +15,7 @@ import secrets
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
 
@@ -24,10 +24,11 @@ from cryptography.hazmat.primitives import serialization
 from spiffe import SpiffeId, TrustDomain
 
 from . import authority as plan_mod
-from .audit import ChainVerdict, EventKind, verify_chain
+from .audit import ChainVerdict, EventKind
+from .audit import verify_chain as verify_audit_chain
 from .authority import Activate, AuthorityKind, Expire, Prepare, Slot, Status
 from .bundle import TrustBundle, from_pem, from_spiffe_json, to_spiffe_json
-from .datastore import AuthorityRecord, Datastore, FederatedBundleRecord, Tx
+from .datastore import AuditRecord, AuthorityRecord, Datastore, FederatedBundleRecord, Tx
 from .entries import (
     EntrySpec,
     RegistrationEntry,
@@ -38,8 +39,7 @@ from .entries import (
 from .errors import AuthorityUnavailable, Conflict, InvalidArgument, NotFound
 from .jwtsvid import new_kid, sign_jwt_svid
 from .keys import KeyManager, KeyType, PrivateKey, PublicKey, key_type_of
-from .validation import validate_x509_svid
-from .validation import verify_chain as verify_x509_chain
+from .validation import check_issued_by, validate_x509_svid, verify_chain
 from .x509svid import (
     SigningAuthority,
     build_intermediate_certificate,
@@ -56,6 +56,7 @@ DEFAULT_JOIN_TOKEN_TTL = timedelta(seconds=600)  # SPIRE's default
 DEFAULT_REFRESH_HINT = timedelta(minutes=5)  # federated peers poll this often
 MAX_JOIN_TOKEN_TTL = timedelta(days=7)  # a longer-lived token is a standing credential
 MAX_AUDIENCES = 16
+CLOCK_SKEW = timedelta(seconds=10)  # SVIDs start this early so peers with slow clocks accept them
 AGENT_PATH_PREFIX = "/meshid/agent/"
 SERVER_PATH = "/meshid/server"
 
@@ -137,7 +138,6 @@ class IssuedToken:
 class _Signers:
     x509_signer: tuple[str, SigningAuthority] | None = None
     jwt_signer: tuple[str, str, PrivateKey] | None = None  # (authority id, kid, key)
-    roots: tuple[x509.Certificate, ...] = field(default_factory=tuple)
 
 
 def _der(cert: x509.Certificate) -> bytes:
@@ -440,7 +440,14 @@ class CaService:
                 signers.x509_signer = (a.id, SigningAuthority(cert, key, _load_chain(a.chain)))
             elif a.kind == AuthorityKind.JWT and a.kid is not None:
                 signers.jwt_signer = (a.id, a.kid, key)
-        signers.roots = self.bundle().x509_authorities
+        if signers.x509_signer is not None:
+            # Once per authority rather than per SVID: its path must reach our own bundle.
+            _, authority = signers.x509_signer
+            verify_chain(
+                authority.chain or (authority.certificate,),
+                self.bundle().x509_authorities,
+                now=self.clock(),
+            )
         self._signers = signers
 
     # -- bundle -----------------------------------------------------------------------------
@@ -641,7 +648,6 @@ class CaService:
     def sign_x509_svids(self, requests: Sequence[X509Request], actor: str) -> list[IssuedX509]:
         """Sign a batch, validate each result, audit all in one transaction."""
         authority_id, authority = self._x509_signer()
-        roots = self._signers.roots
         now = self.clock()
         issued: list[IssuedX509] = []
         for req in requests:
@@ -652,30 +658,34 @@ class CaService:
                 authority,
                 req.public_key,
                 req.spiffe_id,
-                not_before=now - timedelta(seconds=10),  # tolerate clock skew between nodes
+                not_before=max(now - CLOCK_SKEW, authority.certificate.not_valid_before_utc),
                 not_after=now + ttl,
                 serial=random_serial(),
                 dns_names=req.dns_names,
             )
             # Sign, then validate our own output before it leaves (SPIRE does the same).
             validate_x509_svid(chain, trust_domain=self.trust_domain)
-            verify_x509_chain(chain, roots, now=now)
+            check_issued_by(chain[0], authority.certificate)
             issued.append(IssuedX509(req.spiffe_id, tuple(chain), authority_id))
         with self.store.write() as tx:
-            for svid in issued:
-                tx.append_audit(
-                    kind=EventKind.X509_SVID_ISSUED,
-                    actor=actor,
-                    now=now,
-                    spiffe_id=str(svid.spiffe_id),
-                    authority_id=authority_id,
-                    not_after=svid.not_after,
-                    details={
-                        "serial": f"{svid.serial:#x}",
-                        "not_after": svid.not_after.isoformat(),
-                        "authority_id": authority_id,
-                    },
-                )
+            tx.append_audit_batch(
+                [
+                    AuditRecord(
+                        kind=EventKind.X509_SVID_ISSUED,
+                        actor=actor,
+                        at=now,
+                        spiffe_id=str(svid.spiffe_id),
+                        authority_id=authority_id,
+                        not_after=svid.not_after,
+                        details={
+                            "serial": f"{svid.serial:#x}",
+                            "not_after": svid.not_after.isoformat(),
+                            "authority_id": authority_id,
+                        },
+                    )
+                    for svid in issued
+                ]
+            )
         return issued
 
     def mint_jwt_svid(
@@ -717,7 +727,7 @@ class CaService:
     def verify_audit(self) -> ChainVerdict:
         with self.store.read() as tx:
             seq, head = tx.audit_head()
-            return verify_chain(tx.iter_audit(), head_seq=seq, head_hash=head)
+            return verify_audit_chain(tx.iter_audit(), head_seq=seq, head_hash=head)
 
     def record_admin_login(self, actor: str, how: str) -> None:
         with self.store.write() as tx:

@@ -80,6 +80,37 @@ def validate_x509_svid(
     return spiffe_id
 
 
+def check_issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
+    """Structural link from ``leaf`` to the authority that just signed it.
+
+    The CA's self-check on its hot path (as SPIRE's credential validator): the issuer name and
+    key identifier match and the leaf's validity nests inside the issuer's. The signature itself
+    is right by construction, because ``SigningAuthority`` refuses a key that does not match its
+    certificate; ``verify_chain`` is the full path check for certificates from elsewhere.
+    """
+    serial = _serial(leaf)
+    if leaf.issuer != issuer.subject:
+        raise InvalidSvid(
+            f"{_LEAF} ({serial}) names issuer {leaf.issuer.rfc4514_string()!r}, not the signing "
+            f"authority {issuer.subject.rfc4514_string()!r}; X509-SVID §5.1 requires a valid path"
+        )
+    aki = _extension(leaf, x509.AuthorityKeyIdentifier)
+    ski = _extension(issuer, x509.SubjectKeyIdentifier)
+    if aki is not None and ski is not None and aki.value.key_identifier != ski.value.digest:
+        raise InvalidSvid(
+            f"{_LEAF} ({serial}) authorityKeyIdentifier does not match the signing authority's "
+            "subjectKeyIdentifier; RFC 5280 §4.2.1.1"
+        )
+    if (
+        leaf.not_valid_after_utc > issuer.not_valid_after_utc
+        or leaf.not_valid_before_utc < issuer.not_valid_before_utc
+    ):
+        raise InvalidSvid(
+            f"{_LEAF} ({serial}) is valid outside its signing authority's lifetime; an SVID must "
+            "not outlive the authority that signed it"
+        )
+
+
 def validate_signing_certificate(cert: x509.Certificate, trust_domain: TrustDomain) -> None:
     """Check an authority certificate against X509-SVID §3.2, §4.1 and §4.3."""
     _check_signing(cert, trust_domain, _SIGNING)

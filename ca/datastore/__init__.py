@@ -1,6 +1,7 @@
 """Persistence for the CA server: schema, migrations and the repository."""
 
 from .repository import (
+    AuditRecord,
     AuthorityRecord,
     Datastore,
     DatastoreError,
@@ -11,6 +12,7 @@ from .repository import (
 )
 
 __all__ = [
+    "AuditRecord",
     "AuthorityRecord",
     "Datastore",
     "DatastoreError",

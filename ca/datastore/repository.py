@@ -17,13 +17,13 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from spiffe import SpiffeId, TrustDomain
-from sqlalchemy import Engine, create_engine, delete, event, func, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -105,6 +105,19 @@ class AuthorityRecord:
     created_at: datetime
     activated_at: datetime | None
     revoked_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """An event to append; the datastore gives it its seq and hashes."""
+
+    kind: str
+    actor: str
+    at: datetime
+    spiffe_id: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    authority_id: str | None = None
+    not_after: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -367,42 +380,67 @@ class Tx:
         authority_id: str | None = None,
         not_after: datetime | None = None,
     ) -> AuditEvent:
-        # Take the head's lock first (UPDATE), so concurrent appenders queue here.
-        self.session.execute(
-            update(AuditHeadRow).where(AuditHeadRow.id == 1).values(seq=AuditHeadRow.seq + 1)
+        """Append one event to the chain (see ``append_audit_batch``)."""
+        record = AuditRecord(kind, actor, now, spiffe_id, details or {}, authority_id, not_after)
+        return self.append_audit_batch([record])[0]
+
+    def append_audit_batch(self, records: Sequence[AuditRecord]) -> list[AuditEvent]:
+        """Append events in order with one head lock and one multi-row insert.
+
+        The head is locked first (an UPDATE), so concurrent appenders, on this replica or
+        another, queue here and the chain stays linear.
+        """
+        if not records:
+            return []
+        conn = self.session.connection()
+        conn.execute(
+            update(AuditHeadRow)
+            .where(AuditHeadRow.id == 1)
+            .values(seq=AuditHeadRow.seq + len(records))
         )
-        head = self.session.execute(
+        last_seq, prev_hash = conn.execute(
             select(AuditHeadRow.seq, AuditHeadRow.hash).where(AuditHeadRow.id == 1)
         ).one()
-        seq, prev_hash = int(head.seq), str(head.hash)
-        details_json = canonical_details(details or {})
-        digest = event_hash(
-            seq=seq,
-            at=now,
-            kind=kind,
-            actor=actor,
-            spiffe_id=spiffe_id,
-            details_json=details_json,
-            prev_hash=prev_hash,
-        )
-        self.session.add(
-            AuditEventRow(
+        seq = int(last_seq) - len(records)
+        prev_hash = str(prev_hash)
+        events: list[AuditEvent] = []
+        rows: list[dict[str, Any]] = []
+        for rec in records:
+            seq += 1
+            details_json = canonical_details(rec.details)
+            digest = event_hash(
                 seq=seq,
-                at=now,
-                kind=kind,
-                actor=actor,
-                spiffe_id=spiffe_id,
-                authority_id=authority_id,
-                not_after=not_after,
-                details=details_json,
+                at=rec.at,
+                kind=rec.kind,
+                actor=rec.actor,
+                spiffe_id=rec.spiffe_id,
+                details_json=details_json,
                 prev_hash=prev_hash,
-                hash=digest,
             )
-        )
-        self.session.execute(update(AuditHeadRow).where(AuditHeadRow.id == 1).values(hash=digest))
-        return AuditEvent(
-            seq, now, kind, actor, spiffe_id, json.loads(details_json), prev_hash, digest
-        )
+            rows.append(
+                {
+                    "seq": seq,
+                    "at": rec.at,
+                    "kind": rec.kind,
+                    "actor": rec.actor,
+                    "spiffe_id": rec.spiffe_id,
+                    "authority_id": rec.authority_id,
+                    "not_after": rec.not_after,
+                    "details": details_json,
+                    "prev_hash": prev_hash,
+                    "hash": digest,
+                }
+            )
+            events.append(
+                AuditEvent(
+                    seq, rec.at, rec.kind, rec.actor, rec.spiffe_id, dict(rec.details), prev_hash,
+                    digest,
+                )
+            )  # fmt: skip
+            prev_hash = digest
+        conn.execute(insert(AuditEventRow), rows)
+        conn.execute(update(AuditHeadRow).where(AuditHeadRow.id == 1).values(hash=prev_hash))
+        return events
 
     def list_audit(
         self,
