@@ -11,15 +11,18 @@ from __future__ import annotations
 import base64
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from spiffe import SpiffeId
 
 from .audit import AuditEvent, EventKind
 from .authority import AuthorityKind
@@ -35,12 +38,13 @@ from .errors import (
     NotFound,
     PermissionDenied,
 )
+from .federation import FederationError
 from .service import CaService, X509Request
 from .x509svid import public_key_from_csr
 
 log = logging.getLogger(__name__)
 
-PEERCRED_SCOPE_KEY = "meshid.peercred"
+PEER_SCOPE_KEY = "meshid.peer"
 MAX_LIST = 10_000  # one page of a listing; the CLI pages through larger sets
 
 
@@ -231,6 +235,7 @@ _STATUS: dict[type[CaError], tuple[int, str]] = {
     PermissionDenied: (403, "permission-denied"),
     AuthorityUnavailable: (503, "unavailable"),
     DatastoreError: (503, "datastore-unavailable"),
+    FederationError: (502, "bundle-endpoint-failed"),
 }
 
 
@@ -240,11 +245,36 @@ def problem(status: int, kind: str, detail: str, **extra: Any) -> JSONResponse:
     return JSONResponse(body, status_code=status, media_type="application/problem+json")
 
 
+@dataclass
+class Peer:
+    """Who is on the other end of an admin connection, as the transport established it.
+
+    On the Unix socket the kernel tells the uid (SO_PEERCRED); over TCP the client's X509-SVID,
+    verified against the current authorities, tells the SPIFFE ID. One object per connection.
+    """
+
+    via: Literal["unix", "mtls"]
+    uid: int | None = None
+    pid: int | None = None
+    spiffe_id: str | None = None
+    error: str | None = None
+    logged_in: bool = False
+
+    @property
+    def actor(self) -> str:
+        return self.spiffe_id if self.via == "mtls" and self.spiffe_id else f"uid:{self.uid}"
+
+
+def _peer(request: Request) -> Peer | None:
+    peer = request.scope.get(PEER_SCOPE_KEY)
+    return peer if isinstance(peer, Peer) else None
+
+
 def _actor(request: Request) -> str:
-    cred = request.scope.get(PEERCRED_SCOPE_KEY)
-    if cred is None:
+    peer = _peer(request)
+    if peer is None:
         raise PermissionDenied("caller not identified")
-    return f"uid:{cred[1]}"
+    return peer.actor
 
 
 Actor = Annotated[str, Depends(_actor)]
@@ -258,14 +288,38 @@ def create_admin_app(service: CaService, *, allowed_uids: frozenset[int]) -> Fas
         description="Registration, authorities, bundles, minting and the audit log.",
     )
 
+    def _refusal(peer: Peer | None) -> str | None:
+        if peer is None:
+            return "caller not identified"
+        if peer.via == "unix":
+            return None if peer.uid in allowed_uids else "caller is not an allowed admin uid"
+        if peer.error is not None or peer.spiffe_id is None:
+            return "no valid client SVID"
+        if not service.is_admin(SpiffeId(peer.spiffe_id)):
+            return "caller's SPIFFE ID has no admin entry"
+        return None
+
     @app.middleware("http")
     async def _authenticate(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
-        cred = request.scope.get(PEERCRED_SCOPE_KEY)
-        if cred is None or cred[1] not in allowed_uids:
-            log.info("admin request refused", extra={"peer": cred, "path": request.url.path})
-            return problem(403, "permission-denied", "caller is not an allowed admin uid")
+        peer = _peer(request)
+        refusal = await run_in_threadpool(_refusal, peer)
+        if refusal is not None:
+            # Peers get a terse answer; the log gets the detail.
+            log.info(
+                "admin request refused",
+                extra={
+                    "reason": refusal,
+                    "detail": peer.error if peer else None,
+                    "path": request.url.path,
+                },
+            )
+            return problem(403, "permission-denied", refusal)
+        assert peer is not None
+        if not peer.logged_in and request.url.path != "/v1/health":
+            peer.logged_in = True  # one admin.login event per connection, not per request
+            await run_in_threadpool(service.record_admin_login, peer.actor, peer.via)
         return await call_next(request)
 
     @app.exception_handler(CaError)
@@ -372,6 +426,12 @@ def create_admin_app(service: CaService, *, allowed_uids: frozenset[int]) -> Fas
             endpoint_spiffe_id=body.endpoint_spiffe_id,
         )
         return {"trust_domain": b.trust_domain.name, "sequence": b.sequence}
+
+    @app.post("/v1/bundles/{trust_domain}/refresh")
+    def refresh_bundle(trust_domain: str, actor: Actor) -> dict[str, Any]:
+        changed = service.refresh_federated_bundle(trust_domain, actor)
+        bundle = service.federated_bundle(trust_domain)
+        return {"trust_domain": trust_domain, "changed": changed, "sequence": bundle.sequence}
 
     @app.delete("/v1/bundles/{trust_domain}", status_code=204)
     def delete_bundle(trust_domain: str, actor: Actor) -> Response:

@@ -47,6 +47,15 @@ class ServerConfig(BaseModel):
     default_jwt_svid_ttl: int = Field(default=300, ge=1, le=86400)
     rotation_interval: float = Field(default=10.0, gt=0, le=3600, description="seconds")
     admin_uids: list[int] = Field(default_factory=list, description="uids allowed besides ours")
+    admin_listen: str | None = Field(
+        default=None, description="HOST:PORT for the admin API over mTLS (admin entries only)"
+    )
+    bundle_endpoint: str | None = Field(
+        default=None, description="HOST:PORT of the SPIFFE bundle endpoint (https_spiffe)"
+    )
+    federation_refresh_interval: float = Field(
+        default=30.0, gt=0, le=86400, description="seconds between checks of federated bundles"
+    )
     upstream: UpstreamConfig | None = None
     log_level: str = "info"
 
@@ -55,11 +64,11 @@ class ServerConfig(BaseModel):
     def _td(cls, v: str) -> str:
         return parse_trust_domain(v, "trust_domain").name
 
-    @field_validator("bind")
+    @field_validator("bind", "admin_listen", "bundle_endpoint")
     @classmethod
-    def _bind(cls, v: str | None) -> str | None:
+    def _host_port(cls, v: str | None) -> str | None:
         if v is not None:
-            parse_host_port(v, "bind")
+            parse_host_port(v, "address")
         return v
 
     def socket_path(self) -> Path:

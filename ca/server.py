@@ -13,8 +13,10 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import struct
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,14 +25,18 @@ import uvicorn
 from apscheduler.schedulers.background import BackgroundScheduler
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from fastapi import FastAPI
+from fastapi.responses import Response
 from spiffe import TrustDomain
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .admin_api import PEERCRED_SCOPE_KEY, create_admin_app
-from .config import ServerConfig
+from .admin_api import PEER_SCOPE_KEY, Peer, create_admin_app
+from .bundle import to_spiffe_json
+from .config import ServerConfig, parse_host_port
 from .datastore import Datastore
 from .errors import CaError
 from .keys import DiskKeyManager, load_private_key_pem, write_private_file
+from .server_identity import SERVER_SVID_RENEW_CHECK, ServerIdentity, tls_peer_leaf
 from .service import CaService, CaSettings, UpstreamCA
 
 log = logging.getLogger(__name__)
@@ -47,19 +53,42 @@ def peer_credentials(sock: socket.socket | None) -> tuple[int, int, int] | None:
     return pid, uid, gid
 
 
-class PeerCredProtocol(H11Protocol):
-    """uvicorn's h11 protocol, adding the peer's kernel credentials to every request scope."""
+def admin_protocol(identity: ServerIdentity | None) -> type[H11Protocol]:
+    """uvicorn's h11 protocol that puts the authenticated ``Peer`` into every request scope.
 
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+    asyncio calls ``connection_made`` after the TLS handshake, so the client certificate is
+    there to check once per connection.
+    """
+
+    class AdminProtocol(H11Protocol):
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            peer = _identify(transport, identity)
+            inner = self.app
+
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                scope[PEER_SCOPE_KEY] = peer
+                await inner(scope, receive, send)
+
+            self.app = app
+
+    return AdminProtocol
+
+
+def _identify(transport: asyncio.Transport, identity: ServerIdentity | None) -> Peer:
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
         cred = peer_credentials(transport.get_extra_info("socket"))
-        inner = self.app
-
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            scope[PEERCRED_SCOPE_KEY] = cred
-            await inner(scope, receive, send)
-
-        self.app = app
+        if cred is None:
+            return Peer(via="unix", error="no peer credentials")
+        return Peer(via="unix", pid=cred[0], uid=cred[1])
+    if identity is None:
+        return Peer(via="mtls", error="TLS is not configured")
+    try:
+        spiffe_id = identity.authenticate_peer(tls_peer_leaf(ssl_object))
+    except CaError as err:
+        return Peer(via="mtls", error=str(err))
+    return Peer(via="mtls", spiffe_id=str(spiffe_id))
 
 
 def bind_private_socket(path: Path) -> socket.socket:
@@ -151,40 +180,97 @@ def build_service(config: ServerConfig) -> CaService:
     return CaService(settings, store, DiskKeyManager(config.data_dir / "keys"))
 
 
+def bundle_endpoint_app(service: CaService) -> FastAPI:
+    """The SPIFFE bundle endpoint: GET / returns our bundle, no client authentication."""
+    app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+
+    @app.get("/")
+    def bundle() -> Response:
+        return Response(to_spiffe_json(service.bundle()), media_type="application/json")
+
+    return app
+
+
+def _tcp_socket(address: str) -> socket.socket:
+    host, port = parse_host_port(address, "address")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(128)
+    return sock
+
+
+def _uvicorn(app: Any, protocol: type[H11Protocol] | None, ctx: ssl.SSLContext | None) -> _Server:
+    config = uvicorn.Config(
+        app,
+        http=protocol or "h11",
+        lifespan="off",
+        log_level="warning",
+        access_log=False,
+        # Our own context object, so certificate renewal reaches the live listener.
+        ssl_context_factory=(lambda _config, _default: ctx) if ctx is not None else None,
+    )
+    return _Server(config)
+
+
 async def serve(config: ServerConfig) -> None:
     """Run the server until SIGTERM/SIGINT."""
     service = build_service(config)
     service.start()
+    identity = ServerIdentity(service, config.data_dir / "private")
     scheduler = BackgroundScheduler(timezone="UTC")
-    scheduler.add_job(
-        service.rotate,
-        "interval",
-        seconds=config.rotation_interval,
-        max_instances=1,
-        coalesce=True,
-        id="rotate",
-    )
+    jobs: list[tuple[str, Callable[[], object], float]] = [
+        ("rotate", service.rotate, config.rotation_interval),
+        ("federation", service.refresh_due_federated_bundles, config.federation_refresh_interval),
+    ]
+    if config.admin_listen or config.bundle_endpoint:
+        identity.renew()
+        jobs.append(("server-svid", identity.renew_if_due, SERVER_SVID_RENEW_CHECK.total_seconds()))
+    for job_id, func, seconds in jobs:
+        scheduler.add_job(
+            func, "interval", seconds=seconds, max_instances=1, coalesce=True, id=job_id
+        )
     scheduler.start()
-    sock = bind_private_socket(config.socket_path())
     allowed = frozenset({os.getuid(), 0, *config.admin_uids})
-    app = create_admin_app(service, allowed_uids=allowed)
-    uv_config = uvicorn.Config(
-        app, http=PeerCredProtocol, lifespan="off", log_level="warning", access_log=False
-    )
-    server = _Server(uv_config)
+    admin_app = create_admin_app(service, allowed_uids=allowed)
+    servers: list[tuple[_Server, socket.socket]] = [
+        (_uvicorn(admin_app, admin_protocol(None), None), bind_private_socket(config.socket_path()))
+    ]
+    if config.admin_listen:
+        ctx = identity.context(client_auth=True)
+        servers.append(
+            (_uvicorn(admin_app, admin_protocol(identity), ctx), _tcp_socket(config.admin_listen))
+        )
+    if config.bundle_endpoint:
+        ctx = identity.context(client_auth=False)
+        servers.append(
+            (_uvicorn(bundle_endpoint_app(service), None, ctx), _tcp_socket(config.bundle_endpoint))
+        )
     loop = asyncio.get_running_loop()
+
+    def request_exit() -> None:
+        for server, _ in servers:
+            server.request_exit()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.request_exit)
+        loop.add_signal_handler(sig, request_exit)
     log.info(
         "server ready",
-        extra={"trust_domain": config.trust_domain, "admin_socket": str(config.socket_path())},
+        extra={
+            "trust_domain": config.trust_domain,
+            "admin_socket": str(config.socket_path()),
+            "admin_listen": config.admin_listen,
+            "bundle_endpoint": config.bundle_endpoint,
+        },
     )
     # The demo and the tests wait for this line on stdout.
     print(f"meshid server ready: admin socket {config.socket_path()}", flush=True)
     try:
-        await server.serve(sockets=[sock])
+        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
     finally:
         scheduler.shutdown(wait=True)
-        sock.close()
+        for _, sock in servers:
+            sock.close()
         config.socket_path().unlink(missing_ok=True)
         service.store.close()

@@ -36,7 +36,8 @@ from .entries import (
     parse_trust_domain,
     validate_entry,
 )
-from .errors import AuthorityUnavailable, Conflict, InvalidArgument, NotFound
+from .errors import AuthorityUnavailable, CaError, Conflict, InvalidArgument, NotFound
+from .federation import Fetcher, check_endpoint_url, fetch_bundle
 from .jwtsvid import new_kid, sign_jwt_svid
 from .keys import KeyManager, KeyType, PrivateKey, PublicKey, key_type_of
 from .validation import check_issued_by, validate_x509_svid, verify_chain
@@ -165,8 +166,10 @@ class CaService:
         keys: KeyManager,
         *,
         clock: Clock = utc_now,
+        fetcher: Fetcher = fetch_bundle,
     ) -> None:
         self.settings = settings
+        self.fetcher = fetcher
         self.store = store
         self.keys = keys
         self.clock = clock
@@ -498,8 +501,14 @@ class CaService:
             parsed = from_pem(td, data)
         else:
             raise InvalidArgument("format", "must be spiffe or pem", fmt)
+        if endpoint_url is not None:
+            check_endpoint_url(endpoint_url)
         if endpoint_spiffe_id is not None:
-            parse_spiffe_id(endpoint_spiffe_id, "endpoint_spiffe_id")
+            endpoint_id = parse_spiffe_id(endpoint_spiffe_id, "endpoint_spiffe_id")
+            if endpoint_id.trust_domain != td:
+                raise InvalidArgument(
+                    "endpoint_spiffe_id", f"must be in the federated trust domain {td}"
+                )
         now = self.clock()
         with self.store.write() as tx:
             tx.set_federated_bundle(
@@ -525,6 +534,66 @@ class CaService:
                 },
             )
         return parsed
+
+    def refresh_federated_bundle(self, trust_domain: str, actor: str) -> bool:
+        """Fetch ``trust_domain``'s bundle from its endpoint; store and audit it if it changed."""
+        td = parse_trust_domain(trust_domain, "trust_domain")
+        with self.store.read() as tx:
+            record = tx.get_federated_bundle(td.name)
+        if not record.endpoint_url:
+            raise InvalidArgument("trust_domain", f"{td.name} has no bundle endpoint configured")
+        current = from_spiffe_json(td, record.jwks.encode())
+        expected = SpiffeId(record.endpoint_spiffe_id) if record.endpoint_spiffe_id else None
+        data = self.fetcher(record.endpoint_url, expected, current.x509_authorities)
+        fetched = from_spiffe_json(td, data)
+        now = self.clock()
+        changed = to_spiffe_json(fetched) != to_spiffe_json(current)
+        with self.store.write() as tx:
+            tx.set_federated_bundle(
+                replace(
+                    record,
+                    jwks=to_spiffe_json(fetched).decode() if changed else record.jwks,
+                    sequence=fetched.sequence,
+                    refreshed_at=now,
+                    updated_at=now if changed else record.updated_at,
+                )
+            )
+            if changed:
+                tx.append_audit(
+                    kind=EventKind.FEDERATED_BUNDLE_SET,
+                    actor=actor,
+                    now=now,
+                    details={
+                        "trust_domain": td.name,
+                        "source": record.endpoint_url,
+                        "x509_authorities": len(fetched.x509_authorities),
+                        "jwt_authorities": len(fetched.jwt_authorities),
+                        "sequence": fetched.sequence,
+                    },
+                )
+        return changed
+
+    def refresh_due_federated_bundles(self, actor: str = "federation") -> None:
+        """The refresh job: every endpoint-backed bundle whose refresh hint has passed."""
+        now = self.clock()
+        with self.store.read() as tx:
+            records = tx.list_federated_bundles()
+        for record in records:
+            if not record.endpoint_url:
+                continue
+            hint = from_spiffe_json(
+                TrustDomain(record.trust_domain), record.jwks.encode()
+            ).refresh_hint
+            if record.refreshed_at is not None and now < record.refreshed_at + hint:
+                continue
+            try:
+                self.refresh_federated_bundle(record.trust_domain, actor)
+            except CaError as err:
+                # Keep the last good bundle; the operator sees why in the log and retries later.
+                log.warning(
+                    "federated bundle refresh failed",
+                    extra={"trust_domain": record.trust_domain, "error": str(err)},
+                )
 
     def federated_bundles(self) -> list[TrustBundle]:
         with self.store.read() as tx:
@@ -590,6 +659,11 @@ class CaService:
                 details={"id": deleted.id, "revision": deleted.revision},
             )
         return deleted
+
+    def is_admin(self, spiffe_id: SpiffeId) -> bool:
+        """Whether an entry marked ``admin`` carries this SPIFFE ID (TCP admin API access)."""
+        with self.store.read() as tx:
+            return any(e.admin for e in tx.list_entries(spiffe_id=str(spiffe_id)))
 
     def get_entry(self, entry_id: str) -> RegistrationEntry:
         with self.store.read() as tx:

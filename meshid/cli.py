@@ -110,6 +110,12 @@ def server_run(
     config: Annotated[Path | None, typer.Option(help="YAML configuration file.")] = None,
     key_type: Annotated[KeyType | None, typer.Option(help="Authority key type.")] = None,
     ca_ttl: Annotated[int | None, typer.Option(help="Authority lifetime, seconds.")] = None,
+    admin_listen: Annotated[
+        str | None, typer.Option(help="HOST:PORT for the admin API over mTLS (admin entries).")
+    ] = None,
+    bundle_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT of the SPIFFE bundle endpoint (https_spiffe).")
+    ] = None,
 ) -> None:
     """Run the CA server in the foreground until SIGTERM."""
     from ca.server import serve
@@ -125,6 +131,8 @@ def server_run(
                 "database": database,
                 "key_type": key_type,
                 "ca_ttl": ca_ttl,
+                "admin_listen": admin_listen,
+                "bundle_endpoint": bundle_endpoint,
             },
         )
         setup_logging(cfg.log_level)
@@ -384,14 +392,38 @@ def bundle_set(
     file: Annotated[Path, typer.Option("--file", "--path", help="Bundle file; - for stdin")],
     socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
     fmt: Annotated[BundleFormat, typer.Option("--format")] = BundleFormat.spiffe,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="https:// bundle endpoint to refresh from.")
+    ] = None,
+    endpoint_spiffe_id: Annotated[
+        str | None,
+        typer.Option(help="The endpoint's SPIFFE ID (https_spiffe); omit for https_web."),
+    ] = None,
 ) -> None:
     """Set (create or replace) the bundle of a federated trust domain."""
     try:
         data = sys.stdin.read() if str(file) == "-" else file.read_text()
     except OSError as err:
         fail(f"cannot read {file}: {err.strerror}")
-    _call(socket, "PUT", f"/v1/bundles/{trust_domain}", json={"format": fmt.value, "data": data})
+    body = {
+        "format": fmt.value,
+        "data": data,
+        "endpoint_url": endpoint_url,
+        "endpoint_spiffe_id": endpoint_spiffe_id,
+    }
+    _call(socket, "PUT", f"/v1/bundles/{trust_domain}", json=body)
     typer.echo(f"Bundle set for {trust_domain}")
+
+
+@bundle_app.command("refresh")
+def bundle_refresh(
+    trust_domain: Annotated[str, typer.Option("--trust-domain", "--id")],
+    socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
+) -> None:
+    """Fetch a federated bundle from its endpoint now."""
+    out = _call(socket, "POST", f"/v1/bundles/{trust_domain}/refresh")
+    state = "changed" if out["changed"] else "unchanged"
+    typer.echo(f"Bundle for {trust_domain} refreshed: {state}, sequence {out['sequence']}")
 
 
 @bundle_app.command("delete")

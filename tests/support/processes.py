@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +14,13 @@ from pathlib import Path
 
 READY_TIMEOUT = 60.0  # seconds; generous for a loaded 2-core CI machine
 SERVER_READY = "meshid server ready"
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def meshid(
