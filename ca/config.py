@@ -88,7 +88,7 @@ def parse_host_port(value: str, field: str) -> tuple[str, int]:
 def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerConfig:
     """Read ``path`` (YAML) if given, apply non-None ``overrides``, validate."""
     data: dict[str, Any] = {}
-    source = "command line"
+    source = "flags"
     if path is not None:
         source = str(path)
         try:
@@ -96,7 +96,10 @@ def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerCo
         except OSError as err:
             raise ConfigError("config", f"cannot read {path}: {err.strerror}") from err
         except yaml.YAMLError as err:
-            raise ConfigError("config", f"{path}: invalid YAML: {err}") from err
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+            problem = getattr(err, "problem", None) or "cannot be parsed"
+            raise ConfigError("config", f"{where}: invalid YAML: {problem}") from err
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError("config", f"{path}: the top level must be a mapping")
         data = dict(loaded or {})
@@ -109,6 +112,11 @@ def load_server_config(path: Path | None, overrides: dict[str, Any]) -> ServerCo
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "missing":
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(
+                key, f"required: give {flag} or set {key} in the --config file"
+            ) from err
         raise ConfigError(key or "config", f"{first['msg']} (in {source})") from err
     except InvalidArgument as err:
         raise ConfigError(err.field, f"{err.rule} (in {source})", err.value) from err

@@ -93,6 +93,18 @@ def _call(socket: Path, method: str, path: str, **kwargs: Any) -> Any:
     return response.text
 
 
+def _rfc3339(value: str | None, flag: str) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        fail(f"{flag}: must be an RFC 3339 time such as 2026-01-01T00:00:00Z (got {value!r})")
+    if parsed.tzinfo is None:
+        fail(f"{flag}: must carry a time zone, e.g. 2026-01-01T00:00:00Z (got {value!r})")
+    return parsed
+
+
 def _print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, sort_keys=True))
 
@@ -225,7 +237,7 @@ def entry_create(
     ] = False,
     downstream: Annotated[bool, typer.Option("--downstream")] = False,
     federates_with: Annotated[list[str] | None, typer.Option("--federates-with")] = None,
-    expires_at: Annotated[datetime | None, typer.Option(help="RFC 3339 with zone")] = None,
+    expires_at: Annotated[str | None, typer.Option(help="RFC 3339 with zone")] = None,
     output: OutputOpt = Output.text,
 ) -> None:
     """Register a workload."""
@@ -240,7 +252,7 @@ def entry_create(
         admin,
         downstream,
         federates_with or [],
-        expires_at,
+        _rfc3339(expires_at, "--expires-at"),
     )
     entry = _call(socket, "POST", "/v1/entries", json=body)
     _print_json(entry) if output == Output.json else _print_entry(entry)
@@ -555,7 +567,9 @@ def audit_list(
     socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
     spiffe_id: Annotated[str | None, typer.Option()] = None,
     kind: Annotated[str | None, typer.Option(help="e.g. entry.created, x509_svid.issued")] = None,
-    since: Annotated[datetime | None, typer.Option(help="RFC 3339 with zone")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="RFC 3339 with zone, e.g. 2026-01-01T00:00Z")
+    ] = None,
     limit: Annotated[int, typer.Option()] = 1000,
     output: OutputOpt = Output.text,
 ) -> None:
@@ -565,10 +579,9 @@ def audit_list(
         params["spiffe_id"] = spiffe_id
     if kind:
         params["kind"] = kind
-    if since:
-        if since.tzinfo is None:
-            fail("--since: must carry a time zone, e.g. 2026-01-01T00:00:00Z")
-        params["since"] = since.isoformat()
+    since_at = _rfc3339(since, "--since")
+    if since_at is not None:
+        params["since"] = since_at.isoformat()
     events = _call(socket, "GET", "/v1/audit", params=params)
     if output == Output.json:
         _print_json(events)

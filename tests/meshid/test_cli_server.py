@@ -251,3 +251,18 @@ def test_audit_tamper_detected(tmp_path: Path) -> None:
         assert f"event {target}" in broken.stderr and "altered" in broken.stderr
     finally:
         proc.stop()
+
+
+def test_times_are_rfc3339_with_a_zone(server: ServerProcess) -> None:
+    events = server.cli("audit", "list", "--since", "2000-01-01T00:00:00Z", "-o", "json")
+    assert events.returncode == 0 and json.loads(events.stdout)
+    future = server.cli("audit", "list", "--since", "2999-01-01T00:00:00+02:00", "-o", "json")
+    assert json.loads(future.stdout) == []
+    naive = server.cli("audit", "list", "--since", "2000-01-01T00:00:00")
+    assert naive.returncode == 1 and "time zone" in naive.stderr
+    entry = server.cli(
+        "entry", "create", "--spiffe-id", f"spiffe://{TD}/expiring", "--parent-id",
+        f"spiffe://{TD}/node/a", "--selector", "unix:uid:5", "--expires-at", "2999-01-01T00:00:00Z",
+        "-o", "json",
+    )  # fmt: skip
+    assert json.loads(entry.stdout)["expires_at"].startswith("2999-01-01T00:00:00")
