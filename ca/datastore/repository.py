@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from spiffe import SpiffeId, TrustDomain
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -45,6 +45,7 @@ from .models import (
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers queue behind each other rather than fail
 BUNDLE_SEQUENCE = "bundle_sequence"
+MIGRATION_LOCK = 0x6D65736869640001  # pg advisory lock key ("meshid" + 1), held while migrating
 
 
 class DatastoreError(CaError):
@@ -152,9 +153,16 @@ class Datastore:
         """Run Alembic migrations to head and make sure the singleton rows exist."""
         try:
             with self.engine.begin() as conn:
+                if self.backend == "postgresql":
+                    # Replicas starting together take turns; the lock ends with the transaction.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
                 upgrade_to_head(conn)
-            with self.write() as tx:
-                tx.ensure_singletons()
+                if self.backend == "postgresql":
+                    with Session(bind=conn) as session:
+                        Tx(session).ensure_singletons()
+            if self.backend != "postgresql":
+                with self.write() as tx:
+                    tx.ensure_singletons()
         except SQLAlchemyError as err:
             raise DatastoreError(f"cannot migrate the datastore: {err}") from err
 
