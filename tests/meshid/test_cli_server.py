@@ -266,3 +266,86 @@ def test_times_are_rfc3339_with_a_zone(server: ServerProcess) -> None:
         "-o", "json",
     )  # fmt: skip
     assert json.loads(entry.stdout)["expires_at"].startswith("2999-01-01T00:00:00")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"parent_id": f"spiffe://{TD}/n", "selectors": ["unix:uid:1"]}, "spiffe_id"),
+        (
+            {
+                "spiffe_id": f"spiffe://{TD}/x",
+                "parent_id": f"spiffe://{TD}/n",
+                "selectors": "unix:uid:1",
+            },
+            "selectors",
+        ),
+        (
+            {"spiffe_id": f"spiffe://{TD}/x", "parent_id": f"spiffe://{TD}/n", "selectors": []},
+            "selectors",
+        ),
+        (
+            {"spiffe_id": 5, "parent_id": f"spiffe://{TD}/n", "selectors": ["unix:uid:1"]},
+            "spiffe_id",
+        ),
+        (
+            {
+                "spiffe_id": f"spiffe://{TD}/x",
+                "parent_id": f"spiffe://{TD}/n",
+                "selectors": ["unix:uid:1"],
+                "extra": 1,
+            },
+            "extra",
+        ),
+        (
+            {
+                "spiffe_id": f"spiffe://{TD}/x",
+                "parent_id": f"spiffe://{TD}/n",
+                "selectors": ["unix:uid:1"],
+                "hint": "h" * 500,
+            },
+            "hint",
+        ),
+        (
+            {
+                "spiffe_id": f"spiffe://{TD}/x",
+                "parent_id": f"spiffe://{TD}/n",
+                "selectors": ["u:" + "v" * 5000],
+            },
+            "selectors",
+        ),
+    ],
+    ids=[
+        "missing",
+        "selectors-not-list",
+        "selectors-empty",
+        "wrong-type",
+        "unknown-field",
+        "oversize-hint",
+        "oversize-selector",
+    ],
+)
+def test_api_problem_details_name_the_field(
+    server: ServerProcess, body: dict[str, object], field: str
+) -> None:
+    from meshid.client import AdminClient
+
+    with AdminClient(server.socket) as client:
+        before = client.json("GET", "/v1/audit", params={"limit": 10000})
+        response = client._http.post("/v1/entries", json=body)
+        assert response.status_code == 400
+        assert response.headers["content-type"] == "application/problem+json"
+        problem = response.json()
+        assert problem["field"].split(".")[0] == field and problem["rule"], problem
+        assert client.json("GET", "/v1/audit", params={"limit": 10000}) == before
+
+
+def test_api_rejects_malformed_json(server: ServerProcess) -> None:
+    from meshid.client import AdminClient
+
+    with AdminClient(server.socket) as client:
+        response = client._http.post(
+            "/v1/entries", content=b"{not json", headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400 and response.json()["status"] == 400
+        assert client._http.get("/openapi.json").status_code == 200
