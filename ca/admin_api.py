@@ -40,7 +40,7 @@ from .errors import (
 )
 from .federation import FederationError
 from .service import CaService, X509Request
-from .x509svid import public_key_from_csr
+from .x509svid import public_key_from_csr, public_key_from_der
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,14 @@ class BundleIn(Model):
 
 class X509MintIn(Model):
     spiffe_id: str = Field(max_length=2048)
-    csr: str = Field(max_length=65_536, description="PKCS#10 CSR, PEM or base64 DER")
+    csr: str | None = Field(
+        default=None, max_length=65_536, description="PKCS#10 CSR, PEM or base64 DER"
+    )
+    public_key: str | None = Field(
+        default=None,
+        max_length=65_536,
+        description="SubjectPublicKeyInfo, PEM or base64 DER (instead of a CSR)",
+    )
     ttl: int = Field(default=0, ge=0, le=30 * 86400)
     dns_names: list[str] = Field(default_factory=list, max_length=32)
 
@@ -278,6 +285,16 @@ def _actor(request: Request) -> str:
 
 
 Actor = Annotated[str, Depends(_actor)]
+
+
+def _pem_or_b64(text: str, field: str) -> bytes:
+    data = text.encode()
+    if b"-----BEGIN" in data:
+        return data
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError as err:
+        raise InvalidArgument(field, "must be PEM or base64 DER") from err
 
 
 def create_admin_app(service: CaService, *, allowed_uids: frozenset[int]) -> FastAPI:
@@ -463,13 +480,13 @@ def create_admin_app(service: CaService, *, allowed_uids: frozenset[int]) -> Fas
     @app.post("/v1/x509/mint")
     def mint_x509(body: X509MintIn, actor: Actor) -> X509MintOut:
         spiffe_id = parse_spiffe_id(body.spiffe_id, "spiffe_id")
-        csr = body.csr.encode()
-        if b"-----BEGIN" not in csr:
-            try:
-                csr = base64.b64decode(csr, validate=True)
-            except ValueError as err:
-                raise InvalidArgument("csr", "must be PEM or base64 DER") from err
-        public_key = public_key_from_csr(csr)
+        if (body.csr is None) == (body.public_key is None):
+            raise InvalidArgument("csr", "give exactly one of csr and public_key")
+        if body.csr is not None:
+            public_key = public_key_from_csr(_pem_or_b64(body.csr, "csr"))
+        else:
+            assert body.public_key is not None
+            public_key = public_key_from_der(_pem_or_b64(body.public_key, "public_key"))
         ttl = timedelta(seconds=body.ttl) if body.ttl else None
         [svid] = service.sign_x509_svids(
             [X509Request(spiffe_id, public_key, ttl, tuple(body.dns_names))], actor

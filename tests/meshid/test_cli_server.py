@@ -349,3 +349,28 @@ def test_api_rejects_malformed_json(server: ServerProcess) -> None:
         )
         assert response.status_code == 400 and response.json()["status"] == 400
         assert client._http.get("/openapi.json").status_code == 200
+
+
+def test_mint_from_a_public_key(server: ServerProcess) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from ca.keys import KeyType, generate_key
+    from meshid.client import AdminClient
+
+    key = generate_key(KeyType.EC_P256)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    with AdminClient(server.socket) as client:
+        out = client.json(
+            "POST",
+            "/v1/x509/mint",
+            json={"spiffe_id": f"spiffe://{TD}/pk", "public_key": pem.decode()},
+        )
+        leaf = x509.load_pem_x509_certificates(out["chain_pem"].encode())[0]
+        assert leaf.public_key() == key.public_key()
+        both = client._http.post(
+            "/v1/x509/mint",
+            json={"spiffe_id": f"spiffe://{TD}/pk", "public_key": pem.decode(), "csr": "x"},
+        )
+        assert both.status_code == 400 and both.json()["field"] == "csr"
