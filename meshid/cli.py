@@ -25,6 +25,7 @@ from ca.keys import KeyType, generate_key, private_key_pem, write_private_file
 
 from .client import AdminClient, AdminError
 from .logs import setup_logging
+from .policy_cmd import policy_app
 
 app = typer.Typer(
     name="meshid",
@@ -52,6 +53,7 @@ for sub, name in [
     (audit_app, "audit"),
 ]:
     app.add_typer(sub, name=name)
+app.add_typer(policy_app, name="policy")
 
 
 class Output(StrEnum):
