@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: all demo test lint fmt bench clean install
+.PHONY: all demo test lint fmt bench clean install proto lock
 
 all: test
 
@@ -43,3 +43,7 @@ lock:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# Regenerate the node API's generated code after editing ca/nodeapi/node.proto.
+proto: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. ca/nodeapi/node.proto
