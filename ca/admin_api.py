@@ -334,8 +334,11 @@ def create_admin_app(service: CaService, *, allowed_uids: frozenset[int]) -> Fas
             )
             return problem(403, "permission-denied", refusal)
         assert peer is not None
-        if not peer.logged_in and request.url.path != "/v1/health":
-            peer.logged_in = True  # one admin.login event per connection, not per request
+        if peer.via == "mtls" and not peer.logged_in:
+            # One admin.login per mTLS connection: the caller presented a credential. Unix
+            # socket callers are identified by the kernel on every request instead, and their
+            # changes carry their uid.
+            peer.logged_in = True
             await run_in_threadpool(service.record_admin_login, peer.actor, peer.via)
         return await call_next(request)
 

@@ -17,6 +17,11 @@ from typing import Any
 
 GENESIS_HASH = "0" * 64  # the "previous hash" of the first event
 
+# What ``json.dumps`` builds on every call with these options, built once: the text is the same,
+# and every stored hash depends on it staying the same.
+_DETAILS_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=str)
+_HASH_BODY_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
 
 class EventKind:
     """Names of audited events (strings, so new kinds need no migration)."""
@@ -38,6 +43,10 @@ class EventKind:
     FEDERATED_BUNDLE_DELETED = "federated_bundle.deleted"
     ADMIN_LOGIN = "admin.login"
     SERVER_STARTED = "server.started"
+    AGENT_ATTESTED = "agent.attested"
+    AGENT_RENEWED = "agent.renewed"
+    AGENT_BANNED = "agent.banned"
+    AGENT_EVICTED = "agent.evicted"
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class AuditEvent:
 
 def canonical_details(details: dict[str, Any]) -> str:
     """The JSON text stored and hashed for ``details`` (sorted keys, no spaces)."""
-    return json.dumps(details, sort_keys=True, separators=(",", ":"), default=str)
+    return _DETAILS_ENCODER.encode(details)
 
 
 def event_hash(
@@ -70,9 +79,8 @@ def event_hash(
     prev_hash: str,
 ) -> str:
     """SHA-256 over the previous hash and every field of the event."""
-    body = json.dumps(
-        [prev_hash, seq, at.isoformat(), kind, actor, spiffe_id, details_json],
-        separators=(",", ":"),
+    body = _HASH_BODY_ENCODER.encode(
+        [prev_hash, seq, at.isoformat(), kind, actor, spiffe_id, details_json]
     )
     return hashlib.sha256(body.encode()).hexdigest()
 

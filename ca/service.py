@@ -723,43 +723,46 @@ class CaService:
         """Sign a batch, validate each result, audit all in one transaction."""
         authority_id, authority = self._x509_signer()
         now = self.clock()
+        trust_domain = self.trust_domain
+        not_before = max(now - CLOCK_SKEW, authority.certificate.not_valid_before_utc)
         issued: list[IssuedX509] = []
+        records: list[AuditRecord] = []
         for req in requests:
-            if req.spiffe_id.trust_domain != self.trust_domain:
-                raise InvalidArgument("spiffe_id", f"must be in trust domain {self.trust_domain}")
+            if req.spiffe_id.trust_domain != trust_domain:
+                raise InvalidArgument("spiffe_id", f"must be in trust domain {trust_domain}")
             ttl = req.ttl or self.settings.x509_svid_ttl
             chain = sign_x509_svid(
                 authority,
                 req.public_key,
                 req.spiffe_id,
-                not_before=max(now - CLOCK_SKEW, authority.certificate.not_valid_before_utc),
+                not_before=not_before,
                 not_after=now + ttl,
                 serial=random_serial(),
                 dns_names=req.dns_names,
             )
             # Sign, then validate our own output before it leaves (SPIRE does the same).
-            validate_x509_svid(chain, trust_domain=self.trust_domain)
-            check_issued_by(chain[0], authority.certificate)
+            validate_x509_svid(chain, trust_domain=trust_domain)
+            leaf = chain[0]
+            check_issued_by(leaf, authority.certificate)
             issued.append(IssuedX509(req.spiffe_id, tuple(chain), authority_id))
-        with self.store.write() as tx:
-            tx.append_audit_batch(
-                [
-                    AuditRecord(
-                        kind=EventKind.X509_SVID_ISSUED,
-                        actor=actor,
-                        at=now,
-                        spiffe_id=str(svid.spiffe_id),
-                        authority_id=authority_id,
-                        not_after=svid.not_after,
-                        details={
-                            "serial": f"{svid.serial:#x}",
-                            "not_after": svid.not_after.isoformat(),
-                            "authority_id": authority_id,
-                        },
-                    )
-                    for svid in issued
-                ]
+            not_after = leaf.not_valid_after_utc  # what the leaf says, as IssuedX509.not_after
+            records.append(
+                AuditRecord(
+                    kind=EventKind.X509_SVID_ISSUED,
+                    actor=actor,
+                    at=now,
+                    spiffe_id=str(req.spiffe_id),
+                    authority_id=authority_id,
+                    not_after=not_after,
+                    details={
+                        "serial": f"{leaf.serial_number:#x}",
+                        "not_after": not_after.isoformat(),
+                        "authority_id": authority_id,
+                    },
+                )
             )
+        with self.store.write() as tx:
+            tx.append_audit_batch(records)
         return issued
 
     def mint_jwt_svid(

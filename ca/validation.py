@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import TypeVar
+from functools import lru_cache
+from typing import TypeVar, cast
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -34,8 +35,11 @@ __all__ = [
     "verify_chain",
 ]
 
+SPIFFE_ID_CACHE_SIZE = 4096  # parsed SVID IDs kept: a CA's working set, at most ~8 MiB of text
+
 _SPIFFE_SCHEME = "spiffe:"
 _E = TypeVar("_E", bound=x509.ExtensionType)
+_Extensions = dict[x509.ObjectIdentifier, x509.Extension[x509.ExtensionType]]
 _LEAF = "leaf certificate"
 _SIGNING = "signing certificate"
 
@@ -88,26 +92,26 @@ def check_issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
     is right by construction, because ``SigningAuthority`` refuses a key that does not match its
     certificate; ``verify_chain`` is the full path check for certificates from elsewhere.
     """
-    serial = _serial(leaf)
     if leaf.issuer != issuer.subject:
         raise InvalidSvid(
-            f"{_LEAF} ({serial}) names issuer {leaf.issuer.rfc4514_string()!r}, not the signing "
-            f"authority {issuer.subject.rfc4514_string()!r}; X509-SVID §5.1 requires a valid path"
+            f"{_LEAF} ({_serial(leaf)}) names issuer {leaf.issuer.rfc4514_string()!r}, not the "
+            f"signing authority {issuer.subject.rfc4514_string()!r}; X509-SVID §5.1 requires a "
+            "valid path"
         )
-    aki = _extension(leaf, x509.AuthorityKeyIdentifier)
-    ski = _extension(issuer, x509.SubjectKeyIdentifier)
+    aki = _extension(_extensions(leaf), x509.AuthorityKeyIdentifier)
+    ski = _extension(_extensions(issuer), x509.SubjectKeyIdentifier)
     if aki is not None and ski is not None and aki.value.key_identifier != ski.value.digest:
         raise InvalidSvid(
-            f"{_LEAF} ({serial}) authorityKeyIdentifier does not match the signing authority's "
-            "subjectKeyIdentifier; RFC 5280 §4.2.1.1"
+            f"{_LEAF} ({_serial(leaf)}) authorityKeyIdentifier does not match the signing "
+            "authority's subjectKeyIdentifier; RFC 5280 §4.2.1.1"
         )
     if (
         leaf.not_valid_after_utc > issuer.not_valid_after_utc
         or leaf.not_valid_before_utc < issuer.not_valid_before_utc
     ):
         raise InvalidSvid(
-            f"{_LEAF} ({serial}) is valid outside its signing authority's lifetime; an SVID must "
-            "not outlive the authority that signed it"
+            f"{_LEAF} ({_serial(leaf)}) is valid outside its signing authority's lifetime; an SVID "
+            "must not outlive the authority that signed it"
         )
 
 
@@ -202,66 +206,77 @@ def _signature_problem(child: x509.Certificate, parent: x509.Certificate) -> str
     return None
 
 
-def _extension(cert: x509.Certificate, kind: type[_E]) -> x509.Extension[_E] | None:
+def _extensions(cert: x509.Certificate) -> _Extensions:
+    """The extensions of ``cert`` by OID, parsed and indexed once for all the checks."""
     try:
-        return cert.extensions.get_extension_for_class(kind)
-    except x509.ExtensionNotFound:
-        return None
-    except ValueError as err:  # duplicate or undecodable extensions
+        return {ext.oid: ext for ext in cert.extensions}
+    except (ValueError, x509.DuplicateExtension) as err:  # undecodable or duplicate extensions
         raise InvalidSvid(f"certificate ({_serial(cert)}) has malformed extensions: {err}") from err
 
 
+def _extension(extensions: _Extensions, kind: type[_E]) -> x509.Extension[_E] | None:
+    ext = extensions.get(kind.oid)
+    if ext is None or not isinstance(ext.value, kind):
+        return None
+    return cast("x509.Extension[_E]", ext)
+
+
 def _uri_sans(
-    cert: x509.Certificate,
+    extensions: _Extensions,
 ) -> tuple[list[str], x509.Extension[x509.SubjectAlternativeName] | None]:
-    ext = _extension(cert, x509.SubjectAlternativeName)
+    ext = _extension(extensions, x509.SubjectAlternativeName)
     if ext is None:
         return [], None
     return ext.value.get_values_for_type(x509.UniformResourceIdentifier), ext
 
 
 def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
-    serial = _serial(leaf)
-    uris, san = _uri_sans(leaf)
+    # The serial is formatted only for a message: this runs on every SVID the CA signs.
+    extensions = _extensions(leaf)
+    uris, san = _uri_sans(extensions)
     if not uris:
         raise InvalidSvid(
-            f"{_LEAF} has no URI SAN ({serial}); X509-SVID §2 requires exactly one SPIFFE ID"
+            f"{_LEAF} has no URI SAN ({_serial(leaf)}); X509-SVID §2 requires exactly one SPIFFE ID"
         )
     if len(uris) > 1:
         raise InvalidSvid(
-            f"{_LEAF} has {len(uris)} URI SANs ({serial}); X509-SVID §2 requires exactly one"
+            f"{_LEAF} has {len(uris)} URI SANs ({_serial(leaf)}); X509-SVID §2 requires exactly one"
         )
-    spiffe_id = parse_spiffe_id(uris[0], what=f"{_LEAF} ({serial}) URI SAN")
+    spiffe_id = _parse_uri_san(uris[0], leaf, _LEAF)
     if not spiffe_id.path:
         raise InvalidSvid(
-            f"{_LEAF} SPIFFE ID {spiffe_id} has a root path ({serial}); "
+            f"{_LEAF} SPIFFE ID {spiffe_id} has a root path ({_serial(leaf)}); "
             "X509-SVID §3.1 requires a non-root path"
         )
-    if len(leaf.subject) == 0 and san is not None and not san.critical:
+    if san is not None and not san.critical and len(leaf.subject) == 0:
         raise InvalidSvid(
-            f"{_LEAF} has an empty subject and a non-critical SAN ({serial}); "
+            f"{_LEAF} has an empty subject and a non-critical SAN ({_serial(leaf)}); "
             "X509-SVID §3.1 requires the SAN to be critical then"
         )
 
-    bc = _extension(leaf, x509.BasicConstraints)
+    bc = _extension(extensions, x509.BasicConstraints)
     if bc is None:
         raise InvalidSvid(
-            f"{_LEAF} has no basicConstraints ({serial}); X509-SVID §4.1 requires cA=false"
+            f"{_LEAF} has no basicConstraints ({_serial(leaf)}); X509-SVID §4.1 requires cA=false"
         )
     if bc.value.ca:
-        raise InvalidSvid(f"{_LEAF} has cA=true ({serial}); X509-SVID §4.1 forbids it")
+        raise InvalidSvid(f"{_LEAF} has cA=true ({_serial(leaf)}); X509-SVID §4.1 forbids it")
 
-    ku = _key_usage(leaf, _LEAF)
+    ku = _key_usage(leaf, extensions, _LEAF)
     if not ku.digital_signature:
         raise InvalidSvid(
-            f"{_LEAF} keyUsage lacks digitalSignature ({serial}); X509-SVID §4.3 requires it"
+            f"{_LEAF} keyUsage lacks digitalSignature ({_serial(leaf)}); X509-SVID §4.3 requires it"
         )
     if ku.key_cert_sign:
-        raise InvalidSvid(f"{_LEAF} keyUsage has keyCertSign ({serial}); X509-SVID §4.3 forbids it")
+        raise InvalidSvid(
+            f"{_LEAF} keyUsage has keyCertSign ({_serial(leaf)}); X509-SVID §4.3 forbids it"
+        )
     if ku.crl_sign:
-        raise InvalidSvid(f"{_LEAF} keyUsage has cRLSign ({serial}); X509-SVID §4.3 forbids it")
+        raise InvalidSvid(
+            f"{_LEAF} keyUsage has cRLSign ({_serial(leaf)}); X509-SVID §4.3 forbids it"
+        )
 
-    eku = _extension(leaf, x509.ExtendedKeyUsage)
+    eku = _extension(extensions, x509.ExtendedKeyUsage)
     if eku is not None:
         usages = set(eku.value)
         for oid, name in (
@@ -270,27 +285,43 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
         ):
             if oid not in usages:
                 raise InvalidSvid(
-                    f"{_LEAF} extendedKeyUsage lacks {name} ({serial}); "
+                    f"{_LEAF} extendedKeyUsage lacks {name} ({_serial(leaf)}); "
                     "X509-SVID §4.4 requires serverAuth and clientAuth when present"
                 )
     return spiffe_id
 
 
-def _key_usage(cert: x509.Certificate, label: str) -> x509.KeyUsage:
-    serial = _serial(cert)
-    ku = _extension(cert, x509.KeyUsage)
+def _parse_uri_san(uri: str, cert: x509.Certificate, label: str) -> SpiffeId:
+    try:
+        return _canonical_spiffe_id(uri)
+    except InvalidSvid:
+        pass
+    # Parse again for the message: only a failure pays for naming the certificate.
+    return parse_spiffe_id(uri, what=f"{label} ({_serial(cert)}) URI SAN")
+
+
+@lru_cache(maxsize=SPIFFE_ID_CACHE_SIZE)
+def _canonical_spiffe_id(text: str) -> SpiffeId:
+    # A CA signs the same few IDs over and over; parsing is pure, so its result can be kept.
+    # Failures raise and are not cached.
+    return parse_spiffe_id(text, what="URI SAN")
+
+
+def _key_usage(cert: x509.Certificate, extensions: _Extensions, label: str) -> x509.KeyUsage:
+    ku = _extension(extensions, x509.KeyUsage)
     if ku is None:
-        raise InvalidSvid(f"{label} has no keyUsage ({serial}); X509-SVID §4.3 requires it")
+        raise InvalidSvid(f"{label} has no keyUsage ({_serial(cert)}); X509-SVID §4.3 requires it")
     if not ku.critical:
         raise InvalidSvid(
-            f"{label} keyUsage is not critical ({serial}); X509-SVID §4.3 requires critical"
+            f"{label} keyUsage is not critical ({_serial(cert)}); X509-SVID §4.3 requires critical"
         )
     return ku.value
 
 
 def _check_signing(cert: x509.Certificate, trust_domain: TrustDomain, label: str) -> None:
     serial = _serial(cert)
-    bc = _extension(cert, x509.BasicConstraints)
+    extensions = _extensions(cert)
+    bc = _extension(extensions, x509.BasicConstraints)
     if bc is None:
         raise InvalidSvid(
             f"{label} has no basicConstraints ({serial}); X509-SVID §4.1 requires cA=true"
@@ -298,7 +329,7 @@ def _check_signing(cert: x509.Certificate, trust_domain: TrustDomain, label: str
     if not bc.value.ca:
         raise InvalidSvid(f"{label} has cA=false ({serial}); X509-SVID §4.1 requires cA=true")
 
-    uris, _ = _uri_sans(cert)
+    uris, _ = _uri_sans(extensions)
     spiffe_uris = [uri for uri in uris if uri[: len(_SPIFFE_SCHEME)].lower() == _SPIFFE_SCHEME]
     if len(spiffe_uris) > 1:
         raise InvalidSvid(
@@ -306,7 +337,7 @@ def _check_signing(cert: x509.Certificate, trust_domain: TrustDomain, label: str
         )
     is_svid = bool(spiffe_uris)
     if is_svid:
-        spiffe_id = parse_spiffe_id(spiffe_uris[0], what=f"{label} ({serial}) URI SAN")
+        spiffe_id = _parse_uri_san(spiffe_uris[0], cert, label)
         if spiffe_id.path:
             raise InvalidSvid(
                 f"{label} SPIFFE ID {spiffe_id} has a path ({serial}); "
@@ -320,11 +351,11 @@ def _check_signing(cert: x509.Certificate, trust_domain: TrustDomain, label: str
             )
 
     if is_svid:
-        ku = _key_usage(cert, label)
+        ku = _key_usage(cert, extensions, label)
     else:
         # An upstream CA without a SPIFFE ID is not an SVID: §4.3's "critical" is not ours to
         # demand of it, but it must still be allowed to sign certificates.
-        ku_ext = _extension(cert, x509.KeyUsage)
+        ku_ext = _extension(extensions, x509.KeyUsage)
         if ku_ext is None:
             raise InvalidSvid(
                 f"{label} has no keyUsage ({serial}); X509-SVID §4.3 requires keyCertSign"

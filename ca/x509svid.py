@@ -19,7 +19,8 @@ import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -53,6 +54,56 @@ MAX_ENCODED_BYTES = 64 * 1024  # a CSR or key of RSA-4096 is < 2 KiB; larger inp
 _DNS_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
 _DNS_NAME = re.compile(rf"(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*")
 _PEM_MARKER = b"-----BEGIN"
+_EARLIEST_TIME = datetime(1950, 1, 1, tzinfo=UTC)  # RFC 5280 §4.1.2.5: UTCTime starts in 1950
+
+
+def _encoded(value: x509.ExtensionType, *, critical: bool) -> x509.Extension[x509.ExtensionType]:
+    """``value`` as an extension whose DER is worked out now, once, rather than at every signing.
+
+    The builder copies an ``UnrecognizedExtension``'s bytes into the certificate as they are, so
+    the certificate is byte for byte what ``value`` itself would give, and reads back as ``value``.
+    """
+    raw = x509.UnrecognizedExtension(value.oid, value.public_bytes())
+    return x509.Extension(value.oid, critical, raw)
+
+
+# The parts of every leaf that depend on nothing but the key type (X509-SVID §4.1, §4.3, §4.4).
+_LEAF_SUBJECT = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, LEAF_SUBJECT_ORG)])
+_LEAF_BASIC_CONSTRAINTS = _encoded(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+
+
+def _leaf_key_usage(*, is_rsa: bool) -> x509.Extension[x509.ExtensionType]:
+    usage = x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=is_rsa,
+        data_encipherment=False,
+        key_agreement=not is_rsa,
+        key_cert_sign=False,
+        crl_sign=False,
+        encipher_only=False,
+        decipher_only=False,
+    )
+    return _encoded(usage, critical=True)  # critical: X509-SVID §4.3
+
+
+_LEAF_KEY_USAGE_EC = _leaf_key_usage(is_rsa=False)
+_LEAF_KEY_USAGE_RSA = _leaf_key_usage(is_rsa=True)
+_LEAF_EXTENDED_KEY_USAGE = _encoded(
+    x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+    critical=False,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class _LeafTemplate:
+    """What every leaf of one authority shares, worked out once per authority."""
+
+    issuer: x509.Name
+    not_after: datetime
+    trust_domain: TrustDomain | None
+    authority_key_identifier: x509.Extension[x509.ExtensionType]
+    algorithm: hashes.SHA256 | hashes.SHA384 | hashes.SHA512
 
 
 @dataclass(frozen=True)
@@ -79,6 +130,17 @@ class SigningAuthority:
             raise InvalidArgument(
                 "chain", "must start with the authority certificate when it is not empty"
             )
+
+    @cached_property
+    def _leaf_template(self) -> _LeafTemplate:
+        # Once per authority rather than per SVID: the certificate and key never change.
+        return _LeafTemplate(
+            issuer=self.certificate.subject,
+            not_after=self.certificate.not_valid_after_utc,
+            trust_domain=_trust_domain_of(self.certificate),
+            authority_key_identifier=_encoded(_aki_for(self.certificate), critical=False),
+            algorithm=_hash_for(self.key),
+        )
 
 
 def random_serial() -> int:
@@ -177,61 +239,57 @@ def sign_x509_svid(
     _check_validity(not_before, not_after)
     _check_serial(serial)
     leaf_key_type = _check_public_key(public_key, "public_key")
-    _check_leaf_spiffe_id(spiffe_id, authority.certificate)
+    template = authority._leaf_template
+    _check_leaf_spiffe_id(spiffe_id, template.trust_domain)
     names = _check_dns_names(dns_names)
+    if not_before < _EARLIEST_TIME:
+        raise InvalidArgument(
+            "not_before", "must be on or after 1950-01-01 (RFC 5280 §4.1.2.5)", not_before
+        )
 
-    authority_not_after = authority.certificate.not_valid_after_utc
-    not_after = min(not_after, authority_not_after)
+    not_after = min(not_after, template.not_after)
     if not_after <= not_before:
         raise AuthorityUnavailable(
             f"signing authority (serial 0x{authority.certificate.serial_number:x}) expires at "
-            f"{authority_not_after.isoformat()}, before the SVID's not_before "
+            f"{template.not_after.isoformat()}, before the SVID's not_before "
             f"{not_before.isoformat()}"
         )
 
-    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, LEAF_SUBJECT_ORG)]
+    subject = _LEAF_SUBJECT
     if names and len(names[0]) <= CN_MAX_LENGTH:
-        attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, names[0]))
-    subject = x509.Name(attributes)
+        subject = x509.Name([*_LEAF_SUBJECT, x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
     is_rsa = leaf_key_type in (KeyType.RSA_2048, KeyType.RSA_4096)
     general_names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     general_names.extend(x509.DNSName(name) for name in names)
-
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(authority.certificate.subject)
-        .public_key(public_key)
-        .serial_number(serial)
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=is_rsa,
-                data_encipherment=False,
-                key_agreement=not is_rsa,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,  # X509-SVID §4.3
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(_aki_for(authority.certificate), critical=False)
+    extensions: list[x509.Extension[x509.ExtensionType]] = [
+        _LEAF_BASIC_CONSTRAINTS,
+        _LEAF_KEY_USAGE_RSA if is_rsa else _LEAF_KEY_USAGE_EC,
+        _LEAF_EXTENDED_KEY_USAGE,
+        x509.Extension(
+            ExtensionOID.SUBJECT_KEY_IDENTIFIER,
+            False,
+            x509.SubjectKeyIdentifier.from_public_key(public_key),
+        ),
+        template.authority_key_identifier,
         # X509-SVID §3.1: the SAN must be critical when the subject is empty.
-        .add_extension(x509.SubjectAlternativeName(general_names), critical=len(subject) == 0)
+        x509.Extension(
+            ExtensionOID.SUBJECT_ALTERNATIVE_NAME,
+            len(subject) == 0,
+            x509.SubjectAlternativeName(general_names),
+        ),
+    ]
+    # Every field was checked above, so the builder is made in one step rather than through its
+    # one-field-at-a-time setters (which copy the builder each time); its times are naive UTC.
+    builder = x509.CertificateBuilder(
+        issuer_name=template.issuer,
+        subject_name=subject,
+        public_key=public_key,
+        serial_number=serial,
+        not_valid_before=_naive_utc(not_before),
+        not_valid_after=_naive_utc(not_after),
+        extensions=extensions,
     )
-    leaf = builder.sign(authority.key, _hash_for(authority.key))
+    leaf = builder.sign(authority.key, template.algorithm)
     return [leaf, *authority.chain]
 
 
@@ -355,6 +413,13 @@ def _aki_for(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
+def _naive_utc(value: datetime) -> datetime:
+    # What CertificateBuilder.not_valid_before/after store: naive, in UTC.
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None)
+
+
 def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
     # Match the hash to the curve (RFC 5480 §4): SHA-384 for P-384, SHA-512 for P-521 (an
     # upstream CA may use it); SHA-256 for P-256 and every RSA size.
@@ -421,7 +486,7 @@ def _check_serial(serial: int) -> None:
         )
 
 
-def _check_leaf_spiffe_id(spiffe_id: SpiffeId, authority: x509.Certificate) -> None:
+def _check_leaf_spiffe_id(spiffe_id: SpiffeId, authority_td: TrustDomain | None) -> None:
     text = str(spiffe_id)
     if not spiffe_id.path:
         raise InvalidArgument("spiffe_id", "must have a non-root path (X509-SVID §3.1)", text)
@@ -429,7 +494,6 @@ def _check_leaf_spiffe_id(spiffe_id: SpiffeId, authority: x509.Certificate) -> N
         raise InvalidArgument(
             "spiffe_id", f"must be at most {SPIFFE_ID_MAX_BYTES} bytes (SPIFFE-ID §2.3)", text
         )
-    authority_td = _trust_domain_of(authority)
     if authority_td is not None and authority_td != spiffe_id.trust_domain:
         raise InvalidArgument(
             "spiffe_id",

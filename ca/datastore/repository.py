@@ -18,13 +18,26 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from spiffe import SpiffeId, TrustDomain
-from sqlalchemy import Engine, create_engine, delete, event, func, insert, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import (
+    Engine,
+    bindparam,
+    column,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    table,
+    text,
+    update,
+)
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -254,6 +267,64 @@ def _authority_from_row(row: AuthorityRow) -> AuthorityRecord:
     )
 
 
+# The batch insert of audit events runs at the driver: its rows carry values already converted
+# for the database by ``_TimeConverter``, so no per-row processing is left for SQLAlchemy to do.
+# SQLAlchemy still writes the statement, in the dialect's own parameter style.
+_AUDIT_COLUMNS = (
+    "seq", "at", "kind", "actor", "spiffe_id", "authority_id", "not_after", "details",
+    "prev_hash", "hash",
+)  # fmt: skip
+_AUDIT_TIME_TYPE = AuditEventRow.__table__.c.at.type
+# The chain head's statements, built once (building them is most of what they cost to run).
+_HEAD_RESERVE = (
+    update(AuditHeadRow)
+    .where(AuditHeadRow.id == 1)
+    .values(seq=AuditHeadRow.seq + bindparam("count"))
+)
+_HEAD_READ = select(AuditHeadRow.seq, AuditHeadRow.hash).where(AuditHeadRow.id == 1)
+_HEAD_SET_HASH = (
+    update(AuditHeadRow).where(AuditHeadRow.id == 1).values(hash=bindparam("head_hash"))
+)
+_audit_insert_cache: dict[tuple[str, str], tuple[str, bool]] = {}
+
+
+def _audit_insert(dialect: Dialect) -> tuple[str, bool]:
+    """The dialect's INSERT of one audit event, and whether it takes positional parameters."""
+    key = (dialect.name, dialect.paramstyle)
+    cached = _audit_insert_cache.get(key)
+    if cached is None:
+        plain = table(AuditEventRow.__tablename__, *(column(name) for name in _AUDIT_COLUMNS))
+        compiled = insert(plain).compile(dialect=dialect)
+        if compiled.positional and tuple(compiled.positiontup or ()) != _AUDIT_COLUMNS:
+            raise DatastoreError(f"unexpected audit insert parameters: {compiled.positiontup}")
+        cached = _audit_insert_cache[key] = (compiled.string, compiled.positional)
+    return cached
+
+
+class _TimeConverter:
+    """Aware datetimes to what the dialect stores, as ``UtcDateTime`` binds them, memoised."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        # The dialect's own variant of the type, as a typed insert would use (on SQLite it
+        # formats the text that stored times compare as).
+        self._bind = _AUDIT_TIME_TYPE.dialect_impl(dialect).bind_processor(dialect)
+        self._seen: dict[datetime, Any] = {}
+
+    def __call__(self, value: datetime | None) -> Any:
+        if value is None:
+            return None
+        try:
+            return self._seen[value]
+        except KeyError:
+            pass
+        try:
+            converted = self._bind(value) if self._bind is not None else value
+        except ValueError as err:  # a naive datetime
+            raise DatastoreError(f"datastore error: {err}") from err
+        self._seen[value] = converted
+        return converted
+
+
 def _event_from_row(row: AuditEventRow) -> AuditEvent:
     details = json.loads(row.details)
     return AuditEvent(
@@ -401,24 +472,23 @@ class Tx:
         if not records:
             return []
         conn = self.session.connection()
-        conn.execute(
-            update(AuditHeadRow)
-            .where(AuditHeadRow.id == 1)
-            .values(seq=AuditHeadRow.seq + len(records))
-        )
-        last_seq, prev_hash = conn.execute(
-            select(AuditHeadRow.seq, AuditHeadRow.hash).where(AuditHeadRow.id == 1)
-        ).one()
+        conn.execute(_HEAD_RESERVE, {"count": len(records)})
+        last_seq, prev_hash = conn.execute(_HEAD_READ).one()
         seq = int(last_seq) - len(records)
         prev_hash = str(prev_hash)
+        # A batch shares one or two distinct times; each is converted for the database once.
+        to_db = _TimeConverter(conn.dialect)
         events: list[AuditEvent] = []
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         for rec in records:
             seq += 1
+            at_db = to_db(rec.at)  # refuses a naive time, as the typed column does
+            # Hashed as it reads back (UTC), so the chain verifies whatever zone it came in.
+            at = rec.at.astimezone(UTC)
             details_json = canonical_details(rec.details)
             digest = event_hash(
                 seq=seq,
-                at=rec.at,
+                at=at,
                 kind=rec.kind,
                 actor=rec.actor,
                 spiffe_id=rec.spiffe_id,
@@ -426,28 +496,32 @@ class Tx:
                 prev_hash=prev_hash,
             )
             rows.append(
-                {
-                    "seq": seq,
-                    "at": rec.at,
-                    "kind": rec.kind,
-                    "actor": rec.actor,
-                    "spiffe_id": rec.spiffe_id,
-                    "authority_id": rec.authority_id,
-                    "not_after": rec.not_after,
-                    "details": details_json,
-                    "prev_hash": prev_hash,
-                    "hash": digest,
-                }
-            )
+                (
+                    seq,
+                    at_db,
+                    rec.kind,
+                    rec.actor,
+                    rec.spiffe_id,
+                    rec.authority_id,
+                    to_db(rec.not_after),
+                    details_json,
+                    prev_hash,
+                    digest,
+                )
+            )  # in the order of _AUDIT_COLUMNS
             events.append(
                 AuditEvent(
-                    seq, rec.at, rec.kind, rec.actor, rec.spiffe_id, dict(rec.details), prev_hash,
+                    seq, at, rec.kind, rec.actor, rec.spiffe_id, dict(rec.details), prev_hash,
                     digest,
                 )
             )  # fmt: skip
             prev_hash = digest
-        conn.execute(insert(AuditEventRow), rows)
-        conn.execute(update(AuditHeadRow).where(AuditHeadRow.id == 1).values(hash=prev_hash))
+        sql, positional = _audit_insert(conn.dialect)
+        if positional:
+            conn.exec_driver_sql(sql, rows)
+        else:
+            conn.exec_driver_sql(sql, [dict(zip(_AUDIT_COLUMNS, row, strict=True)) for row in rows])
+        conn.execute(_HEAD_SET_HASH, {"head_hash": prev_hash})
         return events
 
     def list_audit(

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from spiffe import TrustDomain
 from sqlalchemy import text
 
-from ca.audit import verify_chain
-from ca.datastore import Datastore
+from ca.audit import GENESIS_HASH, verify_chain
+from ca.datastore import AuditRecord, AuthorityRecord, Datastore, DatastoreError
 from ca.entries import EntrySpec, validate_entry
 from ca.errors import Conflict, NotFound
 
@@ -101,6 +101,73 @@ def test_audit_removed_tail_detected(store: Datastore) -> None:
         seq, head = tx.audit_head()
         verdict = verify_chain(tx.iter_audit(), head_seq=seq, head_hash=head)
     assert not verdict.ok and verdict.first_bad_seq == 3 and "removed" in verdict.reason
+
+
+def _authority(authority_id: str) -> AuthorityRecord:
+    return AuthorityRecord(
+        id=authority_id,
+        kind="x509",
+        server_id="test",
+        status="active",
+        key_id="k",
+        key_type="ec-p256",
+        certificate=None,
+        chain=b"",
+        public_key=b"",
+        kid=None,
+        not_before=NOW,
+        not_after=NOW + timedelta(days=1),
+        tainted=False,
+        created_at=NOW,
+        activated_at=None,
+        revoked_at=None,
+    )
+
+
+def test_audit_batch_stores_times_as_the_typed_columns_do(store: Datastore) -> None:
+    """Batch-appended times compare, sort and read back like every other stored time."""
+    plus_two = timezone(timedelta(hours=2))
+    exact = NOW.astimezone(plus_two)  # whole seconds, given in another zone
+    later = NOW + timedelta(microseconds=1)
+    expiries = [NOW + timedelta(hours=1), NOW + timedelta(hours=2, microseconds=5)]
+    with store.write() as tx:
+        tx.insert_authority(_authority("x509-a"))
+        tx.insert_token("t1", "h1", None, NOW, NOW + timedelta(hours=1))  # an ORM-typed write
+        events = tx.append_audit_batch(
+            [
+                AuditRecord("x509_svid.issued", "test", exact, "spiffe://example.org/a",
+                            {"n": 1}, "x509-a", expiries[0]),
+                AuditRecord("x509_svid.issued", "test", later, "spiffe://example.org/b",
+                            {"n": 2}, "x509-a", expiries[1].astimezone(plus_two)),
+                AuditRecord("x509_svid.issued", "test", later, None, {}, None, None),
+            ]
+        )  # fmt: skip
+    assert [e.seq for e in events] == [1, 2, 3]
+    with store.read() as tx:
+        stored = tx.list_audit()
+        assert [(e.at, e.hash) for e in stored] == [(e.at, e.hash) for e in events]
+        assert all(e.at.tzinfo == UTC for e in stored) and stored[0].at == NOW
+        assert [e.seq for e in tx.list_audit(since=NOW)] == [1, 2, 3]
+        assert [e.seq for e in tx.list_audit(since=later)] == [2, 3]
+        assert tx.latest_svid_not_after("x509-a") == expiries[1]
+        seq, head = tx.audit_head()
+        assert verify_chain(tx.iter_audit(), head_seq=seq, head_hash=head).ok
+    with store.engine.connect() as conn:
+        audit_at = conn.execute(text("SELECT at FROM audit_events WHERE seq = 1")).scalar_one()
+        token_at = conn.execute(text("SELECT created_at FROM join_tokens")).scalar_one()
+    assert audit_at == token_at  # the same stored form for the same instant
+
+
+def test_audit_refuses_a_naive_time_and_writes_nothing(store: Datastore) -> None:
+    with (
+        pytest.raises(DatastoreError, match="naive datetime"),
+        store.write() as tx,
+    ):
+        tx.append_audit(kind="entry.created", actor="test", now=NOW)
+        tx.append_audit(kind="entry.created", actor="test", now=NOW.replace(tzinfo=None))
+    with store.read() as tx:
+        assert tx.audit_head() == (0, GENESIS_HASH)
+        assert tx.list_audit() == []
 
 
 def test_join_token_single_use_and_expiry(store: Datastore) -> None:

@@ -138,6 +138,31 @@ def test_federated_bundles(service: CaService) -> None:
     assert service.federated_bundles() == []
 
 
+def test_a_batch_audits_every_svid_in_one_transaction(service: CaService) -> None:
+    before = _head(service)[0]
+    ids = [SpiffeId(f"spiffe://example.org/w{i}") for i in range(3)]
+    ttls = [timedelta(minutes=5), None, timedelta(minutes=7)]
+    requests = [
+        X509Request(spiffe_id, generate_key(KeyType.EC_P256).public_key(), ttl)
+        for spiffe_id, ttl in zip(ids, ttls, strict=True)
+    ]
+    issued = service.sign_x509_svids(requests, "uid:0")
+    with service.store.read() as tx:
+        events = tx.list_audit(after_seq=before)
+        latest = tx.latest_svid_not_after(issued[0].authority_id)
+    assert [e.seq for e in events] == list(range(before + 1, before + 4))
+    for svid, event, spiffe_id in zip(issued, events, ids, strict=True):
+        assert svid.spiffe_id == spiffe_id and event.spiffe_id == str(spiffe_id)
+        assert (event.kind, event.actor) == ("x509_svid.issued", "uid:0")
+        assert event.details == {
+            "serial": f"{svid.serial:#x}",
+            "not_after": svid.not_after.isoformat(),
+            "authority_id": svid.authority_id,
+        }
+    assert latest == max(svid.not_after for svid in issued)
+    assert service.verify_audit().ok
+
+
 def test_upstream_ca_makes_an_intermediate(tmp_path: object, database_url: str) -> None:
     now = datetime.now(UTC)
     up_key = generate_key(KeyType.EC_P256)
@@ -158,7 +183,7 @@ def test_upstream_ca_makes_an_intermediate(tmp_path: object, database_url: str) 
             [X509Request(SpiffeId("spiffe://example.org/w"), key.public_key())], "uid:0"
         )
         assert len(svid.chain) == 2 and svid.chain[1].issuer == up_root.subject
-        verify_chain(svid.chain, [up_root], now=now)
+        verify_chain(svid.chain, [up_root], now=now + timedelta(seconds=2))  # certs: 1 s precision
         pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
         loaded = X509Svid.parse(pem, private_key_pem(key))
         assert isinstance(loaded.leaf, x509.Certificate)

@@ -222,6 +222,25 @@ def test_crafting_defaults_conform() -> None:
     assert validate_x509_svid(_with_intermediate(uris=(), ku_critical=False)(root))
 
 
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("spiffe://exa mple/web", r"is not a SPIFFE ID"),
+        ("spiffe://Example.org/web", r"is not in canonical form"),
+    ],
+    ids=["invalid", "non-canonical"],
+)
+def test_uri_san_is_checked_every_time(uri: str, message: str) -> None:
+    """Parsed IDs are remembered, failures are not: each bad leaf is named again, every time."""
+    root = root_authority()
+    assert validate_x509_svid([craft_leaf(root)]) == SpiffeId(WORKLOAD_ID)  # the good one, kept
+    for _ in range(2):
+        leaf = craft_leaf(root, uris=(uri,))
+        pattern = rf"^leaf certificate \(serial 0x{leaf.serial_number:x}\) URI SAN .*{message}"
+        with pytest.raises(InvalidSvid, match=pattern):
+            validate_x509_svid([leaf])
+
+
 def test_empty_chain_is_rejected() -> None:
     with pytest.raises(InvalidSvid, match=r"the chain is empty"):
         validate_x509_svid([])

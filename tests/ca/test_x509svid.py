@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import spiffe
@@ -317,6 +317,27 @@ def test_svid_from_an_authority_expiring_before_not_before_is_refused() -> None:
         _sign(authority, not_before=NOW + HOUR, not_after=NOW + 2 * HOUR)
 
 
+def test_times_given_in_any_zone_are_written_in_utc() -> None:
+    east = timezone(timedelta(hours=5, minutes=30))
+    leaf = _sign(root_authority(), not_before=NOW.astimezone(east), not_after=NOW + HOUR)[0]
+    assert (leaf.not_valid_before_utc, leaf.not_valid_after_utc) == (NOW, NOW + HOUR)
+
+
+def test_one_authority_signs_leaves_of_every_key_type(keys: dict[KeyType, PrivateKey]) -> None:
+    """The per-authority template carries nothing of one leaf over to the next."""
+    authority = root_authority()
+    for key_type in (KeyType.RSA_2048, KeyType.EC_P256, KeyType.EC_P384, KeyType.RSA_2048):
+        leaf_key = keys[key_type]
+        chain = _sign(authority, key=leaf_key)
+        assert validate_x509_svid(chain, trust_domain=TD) == WORKLOAD
+        verify_chain(chain, [authority.certificate], now=NOW)
+        ku = chain[0].extensions.get_extension_for_class(x509.KeyUsage).value
+        is_rsa = isinstance(leaf_key, rsa.RSAPrivateKey)
+        assert (ku.key_encipherment, ku.key_agreement) == (is_rsa, not is_rsa)
+        leaf_ski = chain[0].extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        assert leaf_ski == x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key())
+
+
 RequestCase = Callable[[SigningAuthority], object]
 BAD_REQUESTS: list[tuple[str, RequestCase, str]] = [
     (
@@ -330,6 +351,11 @@ BAD_REQUESTS: list[tuple[str, RequestCase, str]] = [
         r"^not_after: must be a timezone-aware",
     ),
     ("not-after-before-not-before", lambda a: _sign(a, not_after=NOW - 2 * HOUR), r"^not_after"),
+    (
+        "not-before-1949",
+        lambda a: _sign(a, not_before=datetime(1949, 12, 31, tzinfo=UTC)),
+        r"^not_before: must be on or after 1950-01-01",
+    ),
     ("root-path-id", lambda a: _sign(a, spiffe_id=SpiffeId("spiffe://example.org")), r"non-root"),
     (
         "other-trust-domain",
