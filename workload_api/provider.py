@@ -61,5 +61,9 @@ class IdentityProvider(Protocol):
         ...
 
     async def fetch_jwt_svid(self, entry_id: str, audience: Sequence[str]) -> JwtIdentity:
-        """A JWT-SVID for the entry (the agent may serve it from a cache)."""
+        """A JWT-SVID for the entry (the agent may serve it from a cache).
+
+        Raise ``workload_api.errors.IdentityUnavailable`` when it cannot be had right now (server
+        unreachable, entry just removed): the caller then gets ``Unavailable`` and retries.
+        """
         ...
