@@ -39,6 +39,7 @@ from .errors import (
     PermissionDenied,
 )
 from .federation import FederationError
+from .nodeapi.admin import agents_router
 from .service import CaService, X509Request
 from .x509svid import public_key_from_csr, public_key_from_der
 
@@ -537,4 +538,5 @@ def create_admin_app(service: CaService, *, allowed_uids: frozenset[int]) -> Fas
     def audit_kinds() -> list[str]:
         return sorted(v for k, v in vars(EventKind).items() if k.isupper())
 
+    app.include_router(agents_router(service, _actor))
     return app

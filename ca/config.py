@@ -57,6 +57,10 @@ class ServerConfig(BaseModel):
         default=30.0, gt=0, le=86400, description="seconds between checks of federated bundles"
     )
     upstream: UpstreamConfig | None = None
+    x509pop_ca_bundle: Path | None = Field(
+        default=None,
+        description="PEM CA certificates of node provisioning certificates (x509pop attestation)",
+    )
     log_level: str = "info"
 
     @field_validator("trust_domain")

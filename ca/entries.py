@@ -26,6 +26,9 @@ MAX_HINT = 128  # the Workload API hint is a short operator label
 MIN_SVID_TTL = timedelta(seconds=1)  # tests and demos rotate every few seconds
 MAX_SVID_TTL = timedelta(days=30)  # longer-lived identities defeat short-lived certificates
 RESERVED_PATH_PREFIX = "/meshid/"  # agent and server identities live here; entries may not
+# The node API's TLS name (ca.server_identity.SERVER_TLS_NAME): agents check the server SVID for
+# it, so no workload SVID may carry it.
+RESERVED_DNS_NAMES = frozenset({"meshid-server"})
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 
@@ -159,6 +162,10 @@ def validate_dns_name(name: object, field_name: str = "dns_names") -> str:
         labels = labels[1:]
     if len(name) > 253 or not labels or not all(_DNS_LABEL.fullmatch(x) for x in labels):
         raise InvalidArgument(field_name, "must be an RFC 1123 DNS name", name)
+    if name.lower() in RESERVED_DNS_NAMES:
+        raise InvalidArgument(
+            field_name, "is reserved for the meshid server's node API certificate", name
+        )
     return name.lower()
 
 

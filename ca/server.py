@@ -37,6 +37,8 @@ from .config import ServerConfig, parse_host_port
 from .datastore import Datastore
 from .errors import CaError
 from .keys import DiskKeyManager, load_private_key_pem, write_private_file
+from .nodeapi.attestation import load_provisioning_cas
+from .nodeapi.server import NodeApiServer
 from .server_identity import SERVER_SVID_RENEW_CHECK, ServerIdentity, tls_peer_leaf
 from .service import CaService, CaSettings, UpstreamCA
 
@@ -163,6 +165,17 @@ def _spki(key: Any) -> bytes:
     )
 
 
+def _load_x509pop_cas(config: ServerConfig) -> tuple[x509.Certificate, ...]:
+    path = config.x509pop_ca_bundle
+    if path is None:
+        return ()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CaError(f"x509pop_ca_bundle: cannot read {path}: {err.strerror}") from err
+    return load_provisioning_cas(data, str(path))
+
+
 def build_service(config: ServerConfig) -> CaService:
     """Compose the service from configuration (no sockets yet)."""
     config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -218,6 +231,7 @@ def _uvicorn(app: Any, protocol: type[H11Protocol] | None, ctx: ssl.SSLContext |
 async def serve(config: ServerConfig) -> None:
     """Run the server until SIGTERM/SIGINT."""
     service = build_service(config)
+    x509pop_cas = _load_x509pop_cas(config)
     service.start()
     identity = ServerIdentity(service, config.data_dir / "private")
     scheduler = BackgroundScheduler(timezone="UTC")
@@ -225,7 +239,7 @@ async def serve(config: ServerConfig) -> None:
         ("rotate", service.rotate, config.rotation_interval),
         ("federation", service.refresh_due_federated_bundles, config.federation_refresh_interval),
     ]
-    if config.admin_listen or config.bundle_endpoint:
+    if config.admin_listen or config.bundle_endpoint or config.bind:
         identity.renew()
         jobs.append(("server-svid", identity.renew_if_due, SERVER_SVID_RENEW_CHECK.total_seconds()))
     for job_id, func, seconds in jobs:
@@ -248,6 +262,10 @@ async def serve(config: ServerConfig) -> None:
         servers.append(
             (_uvicorn(bundle_endpoint_app(service), None, ctx), _tcp_socket(config.bundle_endpoint))
         )
+    node_api: NodeApiServer | None = None
+    if config.bind:
+        node_api = NodeApiServer(service, identity, provisioning_cas=x509pop_cas)
+        await node_api.start(_tcp_socket(config.bind))
     loop = asyncio.get_running_loop()
 
     def request_exit() -> None:
@@ -268,6 +286,7 @@ async def serve(config: ServerConfig) -> None:
             "admin_socket": str(config.socket_path()),
             "admin_listen": config.admin_listen,
             "bundle_endpoint": config.bundle_endpoint,
+            "bind": config.bind,
         },
     )
     # The demo and the tests wait for this line on stdout.
@@ -275,6 +294,8 @@ async def serve(config: ServerConfig) -> None:
     try:
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
     finally:
+        if node_api is not None:
+            await node_api.stop()
         scheduler.shutdown(wait=True)
         for _, sock in servers:
             sock.close()

@@ -3,8 +3,9 @@
 Owns issuing and renewing that SVID (at half its lifetime, and whenever the bundle changes) and
 keeping every TLS context built from it current: new handshakes use the new certificate at once,
 open connections carry on. The key and chain live in ``<data_dir>/private`` with mode 0600.
-It also authenticates TLS peers (admin clients) against the *current* authorities, so a revoked
-authority stops opening doors even though OpenSSL's trust store can only ever grow.
+It also authenticates TLS peers (admin clients, agents on the node API) against the *current*
+authorities, so a revoked authority stops opening doors even though OpenSSL's trust store can
+only ever grow.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -30,6 +32,51 @@ from .validation import validate_x509_svid
 log = logging.getLogger(__name__)
 
 RENEW_DIVISOR = 2  # renew the server SVID at half its lifetime, like the agent does for workloads
+# A DNS SAN of the server SVID besides its SPIFFE ID: gRPC clients (agents) check the server's
+# certificate by host name, so they dial with this name (ssl_target_name_override). Entries may
+# not carry it (ca.entries.RESERVED_DNS_NAMES).
+SERVER_TLS_NAME = "meshid-server"
+
+
+@dataclass(frozen=True)
+class PeerSvid:
+    """A TLS peer's X509-SVID, checked against the authorities in force."""
+
+    spiffe_id: SpiffeId
+    certificate: x509.Certificate
+
+
+def verify_peer_svid(service: CaService, leaf_der: bytes | None) -> PeerSvid:
+    """Check a TLS client's leaf: an X509-SVID of our trust domain, within its validity,
+    signed by one of our current (prepared, active or old, unexpired) X.509 authorities.
+
+    OpenSSL's trust store can only grow, so this runs in our code on every connection or call:
+    a revoked authority stops opening doors at once.
+    """
+    if not leaf_der:
+        raise InvalidSvid("no client certificate presented")
+    try:
+        leaf = x509.load_der_x509_certificate(leaf_der)
+    except ValueError as err:
+        raise InvalidSvid("the client certificate is not DER X.509") from err
+    spiffe_id = validate_x509_svid([leaf], trust_domain=service.trust_domain)
+    now = service.clock()
+    if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
+        raise InvalidSvid(f"client SVID {spiffe_id} is outside its validity period")
+    for record in service.list_authorities(AuthorityKind.X509):
+        if record.status not in (Status.PREPARED, Status.ACTIVE, Status.OLD):
+            continue
+        if record.certificate is None or record.not_after <= now:
+            continue
+        issuer = x509.load_der_x509_certificate(record.certificate)
+        if issuer.subject != leaf.issuer:
+            continue
+        try:
+            leaf.verify_directly_issued_by(issuer)
+        except (InvalidSignature, ValueError, TypeError):
+            continue
+        return PeerSvid(spiffe_id, leaf)
+    raise InvalidSvid(f"client SVID {spiffe_id} is not signed by a current authority")
 
 
 class ServerIdentity:
@@ -52,7 +99,8 @@ class ServerIdentity:
         with self._lock:
             key = generate_key(KeyType.EC_P256)
             [svid] = self.service.sign_x509_svids(
-                [X509Request(self.spiffe_id, key.public_key())], actor="server"
+                [X509Request(self.spiffe_id, key.public_key(), dns_names=(SERVER_TLS_NAME,))],
+                actor="server",
             )
             chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in svid.chain)
             write_private_file(self.key_path, private_key_pem(key))
@@ -97,27 +145,7 @@ class ServerIdentity:
 
     def authenticate_peer(self, leaf_der: bytes | None) -> SpiffeId:
         """The SPIFFE ID of a TLS client, checked against the authorities in force now."""
-        if not leaf_der:
-            raise InvalidSvid("no client certificate presented")
-        leaf = x509.load_der_x509_certificate(leaf_der)
-        spiffe_id = validate_x509_svid([leaf], trust_domain=self.service.trust_domain)
-        now = self.service.clock()
-        if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
-            raise InvalidSvid(f"client SVID {spiffe_id} is outside its validity period")
-        for record in self.service.list_authorities(AuthorityKind.X509):
-            if record.status not in (Status.PREPARED, Status.ACTIVE, Status.OLD):
-                continue
-            if record.certificate is None or record.not_after <= now:
-                continue
-            issuer = x509.load_der_x509_certificate(record.certificate)
-            if issuer.subject != leaf.issuer:
-                continue
-            try:
-                leaf.verify_directly_issued_by(issuer)
-            except (InvalidSignature, ValueError, TypeError):
-                continue
-            return spiffe_id
-        raise InvalidSvid(f"client SVID {spiffe_id} is not signed by a current authority")
+        return verify_peer_svid(self.service, leaf_der).spiffe_id
 
 
 def tls_peer_leaf(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> bytes | None:

@@ -9,6 +9,7 @@ verified SPIFFE ID.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import secrets
@@ -18,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
+from typing import Concatenate, ParamSpec, TypeVar
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -62,6 +64,8 @@ AGENT_PATH_PREFIX = "/meshid/agent/"
 SERVER_PATH = "/meshid/server"
 
 Clock = Callable[[], datetime]
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 def utc_now() -> datetime:
@@ -156,6 +160,20 @@ def _load_chain(data: bytes) -> tuple[x509.Certificate, ...]:
     return tuple(x509.load_pem_x509_certificates(data)) if data else ()
 
 
+def _notifies(
+    method: Callable[Concatenate[CaService, _P], _R],
+) -> Callable[Concatenate[CaService, _P], _R]:
+    """Run the change listeners once ``method`` has committed (not when it raised)."""
+
+    @functools.wraps(method)
+    def wrapper(self: CaService, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        result = method(self, *args, **kwargs)
+        self.notify_changed()
+        return result
+
+    return wrapper
+
+
 class CaService:
     """The certificate authority of one trust domain, as one server replica runs it."""
 
@@ -175,6 +193,7 @@ class CaService:
         self.clock = clock
         self._signers = _Signers()
         self._rotate_lock = threading.Lock()
+        self._change_listeners: list[Callable[[], None]] = []
 
     @property
     def trust_domain(self) -> TrustDomain:
@@ -183,6 +202,21 @@ class CaService:
     @property
     def server_spiffe_id(self) -> SpiffeId:
         return SpiffeId(f"{self.trust_domain.as_spiffe_id()}{SERVER_PATH}")
+
+    # -- change notification ----------------------------------------------------------------
+    def add_change_listener(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call ``listener`` after entries, authorities or bundles changed (from the thread that
+        committed the change; it must return at once). Returns the function removing it.
+
+        The node API wakes its entry-sync streams with it; other replicas' changes reach them
+        by polling the database instead.
+        """
+        self._change_listeners.append(listener)
+        return lambda: self._change_listeners.remove(listener)
+
+    def notify_changed(self) -> None:
+        for listener in tuple(self._change_listeners):
+            listener()
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self, actor: str = "server") -> None:
@@ -198,6 +232,7 @@ class CaService:
             )
 
     # -- authorities ------------------------------------------------------------------------
+    @_notifies
     def rotate(self, actor: str = "rotator") -> list[plan_mod.Action]:
         """Run the planner once and act on its decisions; returns what was done."""
         with self._rotate_lock:
@@ -239,6 +274,7 @@ class CaService:
             )
         return actions
 
+    @_notifies
     def prepare(self, kind: AuthorityKind, actor: str) -> AuthorityRecord:
         """Operator-requested preparation of the next authority."""
         with self._rotate_lock:
@@ -253,6 +289,7 @@ class CaService:
             self._load_signers()
             return record
 
+    @_notifies
     def activate(self, kind: AuthorityKind, authority_id: str, actor: str) -> AuthorityRecord:
         with self._rotate_lock:
             now = self.clock()
@@ -271,6 +308,7 @@ class CaService:
             self._load_signers()
             return record
 
+    @_notifies
     def taint(self, kind: AuthorityKind, authority_id: str, actor: str) -> AuthorityRecord:
         """Mark an old authority so every SVID it signed is replaced now (SPIRE semantics)."""
         now = self.clock()
@@ -295,6 +333,7 @@ class CaService:
             self._bundle_changed(tx, now, actor, reason="authority tainted")
             return tx.get_authority(authority_id)
 
+    @_notifies
     def revoke(
         self, kind: AuthorityKind, authority_id: str, actor: str, *, force: bool = False
     ) -> AuthorityRecord:
@@ -480,6 +519,7 @@ class CaService:
             refresh_hint=self.settings.refresh_hint,
         )
 
+    @_notifies
     def set_federated_bundle(
         self,
         trust_domain: str,
@@ -535,6 +575,7 @@ class CaService:
             )
         return parsed
 
+    @_notifies
     def refresh_federated_bundle(self, trust_domain: str, actor: str) -> bool:
         """Fetch ``trust_domain``'s bundle from its endpoint; store and audit it if it changed."""
         td = parse_trust_domain(trust_domain, "trust_domain")
@@ -606,6 +647,7 @@ class CaService:
             record = tx.get_federated_bundle(td.name)
         return from_spiffe_json(td, record.jwks.encode())
 
+    @_notifies
     def delete_federated_bundle(self, trust_domain: str, actor: str) -> None:
         td = parse_trust_domain(trust_domain, "trust_domain")
         now = self.clock()
@@ -619,6 +661,7 @@ class CaService:
             )
 
     # -- entries ----------------------------------------------------------------------------
+    @_notifies
     def create_entry(self, spec: EntrySpec, actor: str) -> RegistrationEntry:
         now = self.clock()
         entry = validate_entry(spec, self.trust_domain, now=now)
@@ -633,6 +676,7 @@ class CaService:
             )
         return created
 
+    @_notifies
     def update_entry(self, entry_id: str, spec: EntrySpec, actor: str) -> RegistrationEntry:
         now = self.clock()
         entry = replace(validate_entry(spec, self.trust_domain, now=now), id=entry_id)
@@ -647,6 +691,7 @@ class CaService:
             )
         return updated
 
+    @_notifies
     def delete_entry(self, entry_id: str, actor: str) -> RegistrationEntry:
         now = self.clock()
         with self.store.write() as tx:

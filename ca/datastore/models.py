@@ -178,3 +178,25 @@ class AuditEventRow(Base):
     details: Mapped[str] = mapped_column(Text)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AttestedNodeRow(Base):
+    """An agent that attested its node: its identity, node selectors and current agent SVID.
+
+    Written by the node API (``ca/datastore/nodes.py``); revision 0002 creates it.
+    """
+
+    __tablename__ = "attested_nodes"
+
+    spiffe_id: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    attestation_type: Mapped[str] = mapped_column(String(32))
+    selectors: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of "type:value"
+    aliases: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of SPIFFE IDs
+    serial: Mapped[str] = mapped_column(String(64))  # current agent SVID serial, hex
+    previous_serial: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)  # of the current agent SVID
+    banned: Mapped[bool] = mapped_column(Boolean, default=False)
+    sync_floor: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    attested_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UtcDateTime)
