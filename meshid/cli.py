@@ -23,6 +23,7 @@ from ca.config import DEFAULT_ADMIN_SOCKET, DEFAULT_SOCKET_ENV, load_server_conf
 from ca.errors import CaError
 from ca.keys import KeyType, generate_key, private_key_pem, write_private_file
 
+from .agent_cmd import agent_app, svid_app
 from .client import AdminClient, AdminError
 from .logs import setup_logging
 from .policy_cmd import policy_app
@@ -51,6 +52,8 @@ for sub, name in [
     (x509_app, "x509"),
     (jwt_app, "jwt"),
     (audit_app, "audit"),
+    (agent_app, "agent"),
+    (svid_app, "svid"),
 ]:
     app.add_typer(sub, name=name)
 app.add_typer(policy_app, name="policy")
@@ -130,6 +133,10 @@ def server_run(
     bundle_endpoint: Annotated[
         str | None, typer.Option(help="HOST:PORT of the SPIFFE bundle endpoint (https_spiffe).")
     ] = None,
+    x509pop_ca_bundle: Annotated[
+        Path | None,
+        typer.Option(help="PEM CA certificates of node certificates (x509pop attestation)."),
+    ] = None,
 ) -> None:
     """Run the CA server in the foreground until SIGTERM."""
     from ca.server import serve
@@ -147,6 +154,7 @@ def server_run(
                 "ca_ttl": ca_ttl,
                 "admin_listen": admin_listen,
                 "bundle_endpoint": bundle_endpoint,
+                "x509pop_ca_bundle": x509pop_ca_bundle,
             },
         )
         setup_logging(cfg.log_level)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
-QUIET_LIBRARIES = ("alembic", "apscheduler", "uvicorn", "httpx")  # their INFO is noise here
+QUIET_LIBRARIES = ("alembic", "apscheduler", "uvicorn", "httpx", "grpclib")  # INFO is noise here
 
 
 class FieldsFormatter(logging.Formatter):

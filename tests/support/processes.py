@@ -110,3 +110,71 @@ class ServerProcess:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return meshid(*args, "--socket", str(self.socket))
+
+
+AGENT_READY = "meshid agent ready"
+
+
+@dataclass
+class AgentProcess:
+    """``meshid agent run`` in a subprocess with its output collected."""
+
+    data_dir: Path
+    socket: Path
+    servers: Sequence[str]
+    trust_bundle: Path
+    trust_domain: str = "example.org"
+    join_token: str | None = None
+    extra_args: Sequence[str] = ()
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+    _pump: threading.Thread = field(init=False, repr=False)
+
+    def start(self, *, wait_ready: bool = True) -> AgentProcess:
+        args = [
+            sys.executable, "-m", "meshid", "agent", "run",
+            "--trust-domain", self.trust_domain,
+            "--trust-bundle", str(self.trust_bundle),
+            "--data-dir", str(self.data_dir),
+            "--socket", str(self.socket),
+            *[a for s in self.servers for a in ("--server", s)],
+            *(["--join-token", self.join_token] if self.join_token else []),
+            *self.extra_args,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        ready = threading.Event()
+
+        def pump() -> None:
+            assert self.proc is not None and self.proc.stdout is not None
+            for line in self.proc.stdout:
+                self.output.append(line)
+                if AGENT_READY in line:
+                    ready.set()
+            ready.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        if wait_ready and (not ready.wait(READY_TIMEOUT) or self.proc.poll() is not None):
+            self.stop()
+            raise RuntimeError("agent did not become ready:\n" + "".join(self.output))
+        return self
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._pump.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
