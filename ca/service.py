@@ -367,6 +367,23 @@ class CaService:
             self._bundle_changed(tx, now, actor, reason="authority revoked")
             return tx.get_authority(authority_id)
 
+    def tainted_key_ids(self) -> tuple[bytes, ...]:
+        """Key ids of tainted authorities still in the bundle: X.509 subject key identifiers
+        and JWT ``kid``s. Agents replace what those signed at once."""
+        ids: list[bytes] = []
+        with self.store.read() as tx:
+            records = tx.list_authorities()
+        for a in records:
+            if not a.tainted or a.status != Status.OLD:
+                continue
+            if a.kind == AuthorityKind.X509 and a.certificate is not None:
+                cert = x509.load_der_x509_certificate(a.certificate)
+                ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+                ids.append(ski.value.digest)
+            elif a.kid is not None:
+                ids.append(a.kid.encode())
+        return tuple(ids)
+
     def list_authorities(self, kind: AuthorityKind | None = None) -> list[AuthorityRecord]:
         with self.store.read() as tx:
             return tx.list_authorities(kind=kind, include_revoked=True)

@@ -479,36 +479,42 @@ def _authority_group(kind: str) -> typer.Typer:
         for a in items:
             _print(a)
 
+    def _show(a: dict[str, Any], output: Output) -> None:
+        _print_json(a) if output == Output.json else _print(a)
+
     @group.command("prepare")
-    def prepare(socket: SocketOpt = DEFAULT_ADMIN_SOCKET) -> None:
+    def prepare(socket: SocketOpt = DEFAULT_ADMIN_SOCKET, output: OutputOpt = Output.text) -> None:
         """Prepare the next authority (published in the bundle, not yet signing)."""
-        _print(_call(socket, "POST", f"/v1/authorities/{kind}/prepare"))
+        _show(_call(socket, "POST", f"/v1/authorities/{kind}/prepare"), output)
 
     @group.command("activate")
     def activate(
         authority_id: Annotated[str, typer.Option("--authority-id")],
         socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
+        output: OutputOpt = Output.text,
     ) -> None:
         """Make the prepared authority the signer."""
-        _print(_call(socket, "POST", f"/v1/authorities/{kind}/{authority_id}/activate"))
+        _show(_call(socket, "POST", f"/v1/authorities/{kind}/{authority_id}/activate"), output)
 
     @group.command("taint")
     def taint(
         authority_id: Annotated[str, typer.Option("--authority-id")],
         socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
+        output: OutputOpt = Output.text,
     ) -> None:
         """Mark an old authority: every SVID it signed must be replaced now."""
-        _print(_call(socket, "POST", f"/v1/authorities/{kind}/{authority_id}/taint"))
+        _show(_call(socket, "POST", f"/v1/authorities/{kind}/{authority_id}/taint"), output)
 
     @group.command("revoke")
     def revoke(
         authority_id: Annotated[str, typer.Option("--authority-id")],
         socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
         force: Annotated[bool, typer.Option("--force")] = False,
+        output: OutputOpt = Output.text,
     ) -> None:
         """Remove a tainted authority from the bundle."""
         path = f"/v1/authorities/{kind}/{authority_id}/revoke"
-        _print(_call(socket, "POST", path, params={"force": str(force).lower()}))
+        _show(_call(socket, "POST", path, params={"force": str(force).lower()}), output)
 
     return group
 

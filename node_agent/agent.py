@@ -244,6 +244,9 @@ class Agent:
                         if self.state.bundle is not None:
                             self._store_bundle(self.state.bundle)
                         self.cache.set_bundles(self.state.bundle, self.state.federated)
+                        if self._tainted():
+                            self.cache.forget_jwts()  # a JWT may carry a tainted kid
+                            await self.rotate()
                     if applied.entries_changed or not self._scheduled_once:
                         log.info(
                             "entries synced",
@@ -282,7 +285,13 @@ class Agent:
                     extra={"entries": len(wanted), "max": self.config.svid_cache_max},
                 )
                 wanted = wanted[: self.config.svid_cache_max]
-            plan = plan_renewals({k: self._held_svid(v) for k, v in held.items()}, wanted, now)
+            tainted = self._tainted()
+            plan = plan_renewals(
+                {k: self._held_svid(v) for k, v in held.items()},
+                wanted,
+                now,
+                tainted_authorities=tainted,
+            )
             for gone in plan.drop:
                 self._renew_at.pop(gone, None)
             if plan.sign:
@@ -290,13 +299,22 @@ class Agent:
                 # Plan again so the next run is timed by the SVIDs just received.
                 held = self.cache.held()
                 now = datetime.now(UTC)
-                plan = plan_renewals({k: self._held_svid(v) for k, v in held.items()}, wanted, now)
+                plan = plan_renewals(
+                    {k: self._held_svid(v) for k, v in held.items()},
+                    wanted,
+                    now,
+                    tainted_authorities=tainted,
+                )
                 if plan.sign:  # refused or failed: retry soon, not in a tight loop
                     plan = replace(plan, next_check=now + RETRY_AFTER_FAILURE)
             if self.state.synced_once:
                 self.cache.mark_ready()
                 self.ready.set()
             self._schedule(plan.next_check)
+
+    def _tainted(self) -> frozenset[bytes]:
+        bundle = self.state.bundle
+        return bundle.tainted if bundle is not None else frozenset()
 
     def _held_svid(self, svid: HeldX509) -> HeldSvid:
         nb = datetime.fromtimestamp(svid.not_before, UTC)

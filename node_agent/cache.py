@@ -94,6 +94,10 @@ class IdentityCache:
                 self._svids[svid.entry_id] = svid
         self._publish()
 
+    def forget_jwts(self) -> None:
+        """Drop cached JWT-SVIDs (after a taint: the next fetch is signed afresh)."""
+        self._jwts.clear()
+
     def mark_ready(self) -> None:
         if not self._ready:
             self._ready = True

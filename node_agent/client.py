@@ -65,7 +65,12 @@ def csr_for(key: PrivateKey) -> bytes:
 def _bundle(msg: node_pb2.Bundle) -> BundleDoc | None:
     if not msg.trust_domain:
         return None
-    return BundleDoc(msg.trust_domain, bytes(msg.spiffe_bundle), msg.sequence)
+    return BundleDoc(
+        msg.trust_domain,
+        bytes(msg.spiffe_bundle),
+        msg.sequence,
+        frozenset(bytes(k) for k in msg.tainted_key_ids),
+    )
 
 
 def _svid(msg: node_pb2.AgentSvid) -> AgentSvid:

@@ -34,6 +34,7 @@ class BundleDoc:
     trust_domain: str
     spiffe_bundle: bytes
     sequence: int
+    tainted: frozenset[bytes] = frozenset()  # key ids of authorities an operator tainted
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,10 @@ def der_chain(chain: Sequence[x509.Certificate]) -> list[bytes]:
 
 def bundle_message(doc: BundleDoc) -> node_pb2.Bundle:
     return node_pb2.Bundle(
-        trust_domain=doc.trust_domain, spiffe_bundle=doc.document, sequence=doc.sequence
+        trust_domain=doc.trust_domain,
+        spiffe_bundle=doc.document,
+        sequence=doc.sequence,
+        tainted_key_ids=list(doc.tainted),
     )
 
 

@@ -113,14 +113,16 @@ class Entry(_message.Message):
     def __init__(self, id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., parent_id: _Optional[str] = ..., selectors: _Optional[_Iterable[str]] = ..., x509_svid_ttl: _Optional[int] = ..., jwt_svid_ttl: _Optional[int] = ..., dns_names: _Optional[_Iterable[str]] = ..., hint: _Optional[str] = ..., admin: _Optional[bool] = ..., downstream: _Optional[bool] = ..., federates_with: _Optional[_Iterable[str]] = ..., expires_at: _Optional[int] = ..., revision: _Optional[int] = ...) -> None: ...
 
 class Bundle(_message.Message):
-    __slots__ = ("trust_domain", "spiffe_bundle", "sequence")
+    __slots__ = ("trust_domain", "spiffe_bundle", "sequence", "tainted_key_ids")
     TRUST_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     SPIFFE_BUNDLE_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    TAINTED_KEY_IDS_FIELD_NUMBER: _ClassVar[int]
     trust_domain: str
     spiffe_bundle: bytes
     sequence: int
-    def __init__(self, trust_domain: _Optional[str] = ..., spiffe_bundle: _Optional[bytes] = ..., sequence: _Optional[int] = ...) -> None: ...
+    tainted_key_ids: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, trust_domain: _Optional[str] = ..., spiffe_bundle: _Optional[bytes] = ..., sequence: _Optional[int] = ..., tainted_key_ids: _Optional[_Iterable[bytes]] = ...) -> None: ...
 
 class X509SVIDRequest(_message.Message):
     __slots__ = ("entry_id", "csr")

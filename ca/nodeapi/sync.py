@@ -61,6 +61,7 @@ class BundleDoc:
     trust_domain: str  # the name, e.g. example.org
     document: bytes  # SPIFFE bundle JSON
     sequence: int
+    tainted: tuple[bytes, ...] = ()  # key ids of tainted authorities (own trust domain only)
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ class StreamState:
     gaps: dict[int, float] = field(default_factory=dict)  # missing revision -> give-up time
 
 
-def own_bundle_doc(bundle: TrustBundle) -> BundleDoc:
-    return BundleDoc(bundle.trust_domain.name, to_spiffe_json(bundle), bundle.sequence)
+def own_bundle_doc(bundle: TrustBundle, tainted: tuple[bytes, ...] = ()) -> BundleDoc:
+    return BundleDoc(bundle.trust_domain.name, to_spiffe_json(bundle), bundle.sequence, tainted)
 
 
 class EntrySync:
@@ -125,7 +126,7 @@ class EntrySync:
             federated = self._federated(tx, authorization.federates_with())
             bundle_sequence = tx.counter(BUNDLE_SEQUENCE)
             gaps = self._initial_gaps(tx, newest)
-        bundle = own_bundle_doc(self.ca.bundle())
+        bundle = own_bundle_doc(self.ca.bundle(), self.ca.tainted_key_ids())
         state = StreamState(
             agent_id=node.spiffe_id,
             attested_at=node.attested_at,
@@ -210,7 +211,7 @@ class EntrySync:
         bundle = None
         if bundle_sequence != state.bundle_sequence:
             own = self.ca.bundle()
-            bundle = own_bundle_doc(own)
+            bundle = own_bundle_doc(own, self.ca.tainted_key_ids())
             state.bundle_sequence = max(bundle_sequence, own.sequence)
         federated_changed = None
         if federated != state.federated:

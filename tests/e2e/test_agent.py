@@ -199,3 +199,34 @@ def _eventually(check: Callable[[], bool], timeout: float = 30) -> bool:
             return True
         time.sleep(0.2)
     return False
+
+
+def test_taint_replaces_svids_at_once(mesh: Mesh) -> None:
+    _register(mesh, "long", f"unix:uid:{os.getuid()}", ttl=3600)
+    source = X509Source(workload_api_client=WorkloadApiClient(mesh.endpoint), timeout_in_seconds=30)
+    try:
+        old_issuer = source.get_x509_context().default_svid.leaf.issuer
+        replaced = threading.Event()
+
+        def on_update() -> None:
+            if source.get_x509_context().default_svid.leaf.issuer != old_issuer:
+                replaced.set()
+
+        source.subscribe_for_updates(on_update)
+        [active] = [
+            a for a in json.loads(mesh.server.cli("authority", "x509", "show", "-o", "json").stdout)
+            if a["status"] == "active"
+        ]  # fmt: skip
+        prepared = json.loads(mesh.server.cli("authority", "x509", "prepare", "-o", "json").stdout)
+        assert (
+            mesh.server.cli(
+                "authority", "x509", "activate", "--authority-id", prepared["id"]
+            ).returncode
+            == 0
+        )
+        assert not replaced.is_set(), "a new active authority alone replaces nothing"
+        taint = mesh.server.cli("authority", "x509", "taint", "--authority-id", active["id"])
+        assert taint.returncode == 0, taint.stderr
+        assert replaced.wait(20), "a taint must make the agent replace the SVID at once"
+    finally:
+        source.close()
