@@ -54,6 +54,7 @@ def raw_loop(service: CaService, csrs: list[bytes]) -> float:
     issuer = authority.certificate
     now = datetime.now(UTC)
     san = x509.SubjectAlternativeName([x509.UniformResourceIdentifier(str(ID))])
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(authority.key.public_key())
     t0 = time.perf_counter()
     for der in csrs:
         csr = x509.load_der_x509_csr(der)
@@ -80,6 +81,8 @@ def raw_loop(service: CaService, csrs: list[bytes]) -> float:
                 ),
                 critical=False,
             )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+            .add_extension(aki, critical=False)
             .sign(authority.key, hashes.SHA256())
         )
     return len(csrs) / (time.perf_counter() - t0)

@@ -15,7 +15,9 @@ Rules of this module:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import TypeVar, cast
@@ -40,6 +42,7 @@ SPIFFE_ID_CACHE_SIZE = 4096  # parsed SVID IDs kept: a CA's working set, at most
 _SPIFFE_SCHEME = "spiffe:"
 _E = TypeVar("_E", bound=x509.ExtensionType)
 _Extensions = dict[x509.ObjectIdentifier, x509.Extension[x509.ExtensionType]]
+ISSUER_CACHE = 64  # authority certificates whose facts are kept (a few per replica at a time)
 _LEAF = "leaf certificate"
 _SIGNING = "signing certificate"
 
@@ -92,27 +95,44 @@ def check_issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
     is right by construction, because ``SigningAuthority`` refuses a key that does not match its
     certificate; ``verify_chain`` is the full path check for certificates from elsewhere.
     """
-    if leaf.issuer != issuer.subject:
+    facts = _issuer_facts(issuer)
+    if leaf.issuer != facts.subject:
         raise InvalidSvid(
             f"{_LEAF} ({_serial(leaf)}) names issuer {leaf.issuer.rfc4514_string()!r}, not the "
             f"signing authority {issuer.subject.rfc4514_string()!r}; X509-SVID §5.1 requires a "
             "valid path"
         )
     aki = _extension(_extensions(leaf), x509.AuthorityKeyIdentifier)
-    ski = _extension(_extensions(issuer), x509.SubjectKeyIdentifier)
-    if aki is not None and ski is not None and aki.value.key_identifier != ski.value.digest:
+    if aki is not None and facts.ski is not None and aki.value.key_identifier != facts.ski:
         raise InvalidSvid(
             f"{_LEAF} ({_serial(leaf)}) authorityKeyIdentifier does not match the signing "
             "authority's subjectKeyIdentifier; RFC 5280 §4.2.1.1"
         )
-    if (
-        leaf.not_valid_after_utc > issuer.not_valid_after_utc
-        or leaf.not_valid_before_utc < issuer.not_valid_before_utc
-    ):
+    if leaf.not_valid_after_utc > facts.not_after or leaf.not_valid_before_utc < facts.not_before:
         raise InvalidSvid(
             f"{_LEAF} ({_serial(leaf)}) is valid outside its signing authority's lifetime; an SVID "
             "must not outlive the authority that signed it"
         )
+
+
+@dataclass(frozen=True)
+class _IssuerFacts:
+    subject: x509.Name
+    ski: bytes | None
+    not_before: datetime
+    not_after: datetime
+
+
+@functools.lru_cache(maxsize=ISSUER_CACHE)
+def _issuer_facts(issuer: x509.Certificate) -> _IssuerFacts:
+    """What ``check_issued_by`` needs of an authority, read once per authority certificate."""
+    ski = _extension(_extensions(issuer), x509.SubjectKeyIdentifier)
+    return _IssuerFacts(
+        issuer.subject,
+        ski.value.digest if ski is not None else None,
+        issuer.not_valid_before_utc,
+        issuer.not_valid_after_utc,
+    )
 
 
 def validate_signing_certificate(cert: x509.Certificate, trust_domain: TrustDomain) -> None:
