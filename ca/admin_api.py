@@ -40,6 +40,7 @@ from .errors import (
 )
 from .federation import FederationError
 from .nodeapi.admin import agents_router
+from .policies import PolicyStore
 from .service import CaService, X509Request
 from .x509svid import public_key_from_csr, public_key_from_der
 
@@ -226,6 +227,19 @@ class AuditOut(Model):
             details=ev.details,
             hash=ev.hash,
         )
+
+
+class PolicyApplyIn(Model):
+    text: str = Field(max_length=1_000_000, description="YAML, one or more documents")
+    source: str = Field(default="<request>", max_length=256, description="file name for errors")
+
+
+class PolicyOut(Model):
+    name: str
+    revision: int
+    document: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
 
 
 class VerifyOut(Model):
@@ -533,6 +547,32 @@ def create_admin_app(service: CaService, *, allowed_uids: frozenset[int]) -> Fas
         return VerifyOut(
             ok=v.ok, events_checked=v.events_checked, first_bad_seq=v.first_bad_seq, reason=v.reason
         )
+
+    policies = PolicyStore(service)
+
+    @app.post("/v1/policies")
+    def apply_policies(body: PolicyApplyIn, actor: Actor) -> dict[str, Any]:
+        result = policies.apply(body.text, body.source, actor)
+        return {
+            "applied": [
+                {"name": a.name, "revision": a.revision, "changed": a.changed}
+                for a in result.applied
+            ],
+            "warnings": list(result.warnings),
+        }
+
+    @app.get("/v1/policies")
+    def list_policies() -> list[PolicyOut]:
+        return [PolicyOut(**p.__dict__) for p in policies.list()]
+
+    @app.get("/v1/policies/{name}")
+    def show_policy(name: str) -> PolicyOut:
+        return PolicyOut(**policies.get(name).__dict__)
+
+    @app.delete("/v1/policies/{name}", status_code=204)
+    def delete_policy(name: str, actor: Actor) -> Response:
+        policies.delete(name, actor)
+        return Response(status_code=204)
 
     @app.get("/v1/audit/kinds")
     def audit_kinds() -> list[str]:

@@ -47,6 +47,8 @@ class EventKind:
     AGENT_RENEWED = "agent.renewed"
     AGENT_BANNED = "agent.banned"
     AGENT_EVICTED = "agent.evicted"
+    POLICY_APPLIED = "policy.applied"
+    POLICY_DELETED = "policy.deleted"
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ from authz import (
     Request,
     Verdict,
     parse_policies,
+    parse_policy_dict,
 )
+from ca.config import DEFAULT_ADMIN_SOCKET
 from tls_proxy.path import EncodedSlashes, PathError, normalize_path
 
 EXIT_ALLOWED = 0
@@ -132,6 +134,25 @@ def _read_policies(files: list[Path]) -> tuple[list[Policy], list[PolicyWarning]
         policies.extend(result.policies)
         warnings.extend(result.warnings)
     return policies, warnings
+
+
+def _stored_policies(socket: Path) -> list[Policy]:
+    """The policies the server stores, parsed as the proxies will parse them."""
+    from .client import AdminClient, AdminError
+
+    try:
+        with AdminClient(socket) as client:
+            stored = client.json("GET", "/v1/policies")
+    except AdminError as err:
+        _fail(str(err))
+    policies: list[Policy] = []
+    for row in stored:
+        try:
+            parsed = parse_policy_dict(row["document"], f"stored policy {row['name']}")
+            policies.extend(parsed.policies)
+        except PolicyError as err:
+            _fail(str(err))
+    return policies
 
 
 def _spiffe_id(value: str, option: str) -> SpiffeId:
@@ -241,13 +262,20 @@ def _json_report(
 
 @policy_app.command("check", cls=_CheckCommand)
 def check(
+    destination: Annotated[str, typer.Option(help="SPIFFE ID of the workload the proxy protects.")],
     file: Annotated[
-        list[Path],
+        list[Path] | None,
         typer.Option(
             "--file", "-f", help="Policy file (YAML, --- between documents); repeatable; - = stdin."
         ),
-    ],
-    destination: Annotated[str, typer.Option(help="SPIFFE ID of the workload the proxy protects.")],
+    ] = None,
+    socket: Annotated[
+        Path | None,
+        typer.Option(
+            "--socket",
+            help="Check against the policies stored on the server (its admin socket).",
+        ),
+    ] = None,
     source: Annotated[
         str | None,
         typer.Option(help="SPIFFE ID of the verified peer; omit or 'none' for a peer without one."),
@@ -296,7 +324,11 @@ def check(
 
     So `meshid policy check ... && deploy` deploys only when the request is allowed.
     """
-    policies, warnings = _read_policies(file)
+    if not file and socket is None:
+        _fail("give --file (policy files) or --socket (the policies stored on the server)")
+    policies, warnings = _read_policies(file or [])
+    if socket is not None:
+        policies.extend(_stored_policies(socket))
     dest_id = _spiffe_id(destination, "--destination")
     principal = None
     if source is not None and source != NO_SOURCE:
@@ -352,3 +384,85 @@ def check(
     else:
         typer.echo("\n".join(_text_report(verdict, request, raw_path, warnings)))
     raise typer.Exit(EXIT_ALLOWED if verdict.allowed else EXIT_DENIED)
+
+
+# -- the policies stored on the server ------------------------------------------------------
+
+ServerSocket = Annotated[
+    Path,
+    typer.Option("--socket", envvar="MESHID_SERVER_SOCKET", help="The server's admin socket."),
+]
+
+
+def _admin(socket: Path, method: str, path: str, **kwargs: Any) -> Any:
+    from .client import AdminClient, AdminError
+
+    try:
+        with AdminClient(socket) as client:
+            response = client.request(method, path, **kwargs)
+    except AdminError as err:
+        _fail(str(err))
+    return response.json() if response.content else None
+
+
+@policy_app.command("apply")
+def apply(
+    file: Annotated[
+        list[Path], typer.Option("--file", "-f", help="Policy file; repeatable; - = stdin.")
+    ],
+    socket: ServerSocket = DEFAULT_ADMIN_SOCKET,
+) -> None:
+    """Store policies on the server (create or replace by name). All of a file, or none of it."""
+    for path in file:
+        source = STDIN_SOURCE if str(path) == STDIN else str(path)
+        try:
+            text = sys.stdin.read() if str(path) == STDIN else path.read_text(encoding="utf-8")
+        except OSError as err:
+            _fail(f"cannot read {path}: {err.strerror}")
+        result = _admin(socket, "POST", "/v1/policies", json={"text": text, "source": source})
+        for warning in result["warnings"]:
+            typer.echo(f"warning: {warning}", err=True)
+        for applied in result["applied"]:
+            state = "applied" if applied["changed"] else "unchanged"
+            typer.echo(f"{applied['name']}: {state} (revision {applied['revision']})")
+
+
+@policy_app.command("list")
+def list_(
+    socket: ServerSocket = DEFAULT_ADMIN_SOCKET,
+    output: Annotated[Output, typer.Option("--output", "-o")] = Output.text,
+) -> None:
+    """List the policies stored on the server."""
+    rows = _admin(socket, "GET", "/v1/policies")
+    if output == Output.json:
+        typer.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    typer.echo(f"Found {len(rows)} polic{'y' if len(rows) == 1 else 'ies'}")
+    for row in rows:
+        spec = row["document"].get("spec", {})
+        typer.echo(
+            f"{row['name']}  action {spec.get('action', 'ALLOW')}  "
+            f"rules {len(spec.get('rules', []))}  revision {row['revision']}"
+        )
+
+
+@policy_app.command("show")
+def show(
+    name: Annotated[str, typer.Option("--name")],
+    socket: ServerSocket = DEFAULT_ADMIN_SOCKET,
+) -> None:
+    """Show one stored policy as YAML."""
+    import yaml
+
+    row = _admin(socket, "GET", f"/v1/policies/{name}")
+    typer.echo(yaml.safe_dump(row["document"], sort_keys=False).rstrip())
+
+
+@policy_app.command("delete")
+def delete(
+    name: Annotated[str, typer.Option("--name")],
+    socket: ServerSocket = DEFAULT_ADMIN_SOCKET,
+) -> None:
+    """Delete a stored policy."""
+    _admin(socket, "DELETE", f"/v1/policies/{name}")
+    typer.echo(f"Deleted policy {name}")

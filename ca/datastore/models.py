@@ -200,3 +200,15 @@ class AttestedNodeRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     attested_at: Mapped[datetime] = mapped_column(UtcDateTime)
     last_seen: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class PolicyRow(Base):
+    """An AuthorizationPolicy as the server stores it: the parsed document as JSON."""
+
+    __tablename__ = "policies"
+
+    name: Mapped[str] = mapped_column(String(253), primary_key=True)
+    document: Mapped[str] = mapped_column(Text)  # JSON of authz.policy_to_dict
+    revision: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
