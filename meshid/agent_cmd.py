@@ -63,6 +63,14 @@ def agent_run(
     x509pop_cert: Annotated[Path | None, typer.Option()] = None,
     x509pop_key: Annotated[Path | None, typer.Option()] = None,
     config: Annotated[Path | None, typer.Option(help="YAML configuration file")] = None,
+    persist_svid_cache: Annotated[
+        bool | None,
+        typer.Option(
+            "--persist-svid-cache/--no-persist-svid-cache",
+            help="Keep workload SVIDs and keys on disk (0600) to serve through a restart "
+            "while no server answers (default: memory only).",
+        ),
+    ] = None,
 ) -> None:
     """Run the node agent in the foreground until SIGTERM."""
     from node_agent.agent import Agent
@@ -81,6 +89,7 @@ def agent_run(
                 "join_token": join_token,
                 "x509pop_cert": x509pop_cert,
                 "x509pop_key": x509pop_key,
+                "persist_svid_cache": persist_svid_cache,
             },
         )
     except AgentError as err:

@@ -38,6 +38,7 @@ from ca.keys import (
 from workload_api.attestors.composite import build_attestor
 from workload_api.server import WorkloadApiServer
 
+from . import disk_cache
 from .cache import HeldX509, IdentityCache, held_from_chain
 from .client import AgentSvid, NodeClient, csr_for
 from .config import AgentConfig
@@ -53,6 +54,7 @@ BACKOFF_MAX = 30.0  # never wait longer than this between attempts
 AGENT_RENEW_FRACTION = 0.5  # renew the agent's own SVID at half its lifetime
 WORKLOAD_KEY_TYPE = KeyType.EC_P256
 RETRY_AFTER_FAILURE = timedelta(seconds=2)  # a refused or failed signing is retried this soon
+CACHE_SAVE_INTERVAL = timedelta(seconds=5)  # the optional disk cache lags the memory by this
 
 
 class Backoff:
@@ -79,6 +81,8 @@ class Agent:
         self._svid_path = self.data_dir / "agent_svid.pem"
         self._key_path = self.data_dir / "agent_svid.key"
         self._bundle_path = self.data_dir / "bundle.json"
+        self._svid_cache_path = self.data_dir / "svid_cache.json"
+        self._cache_dirty = False
         self._agent_key: PrivateKey | None = None
         self._agent_svid: AgentSvid | None = None
         self._trust: TrustBundle | None = None
@@ -388,6 +392,10 @@ class Agent:
             self.cache.set_bundles(
                 BundleDoc(td, to_spiffe_json(self._trust), self._trust.sequence), {}
             )
+        if self.config.persist_svid_cache:
+            self._restore_cache()
+        else:
+            self._svid_cache_path.unlink(missing_ok=True)  # never leave keys behind when off
         attestor = build_attestor(self.config.workload_attestors.build())
         server = WorkloadApiServer(self.cache, attestor, self.config.socket)
         await server.start()
@@ -396,6 +404,11 @@ class Agent:
             self._renew_agent_if_due, "interval", seconds=self.config.renew_check.total_seconds(),
             id="agent-renew", coalesce=True, max_instances=1,
         )  # fmt: skip
+        if self.config.persist_svid_cache:
+            self._scheduler.add_job(
+                self._save_cache, "interval", seconds=CACHE_SAVE_INTERVAL.total_seconds(),
+                id="save-cache", coalesce=True, max_instances=1,
+            )  # fmt: skip
         self._scheduler.start()
         print(  # the demo and the tests wait for this line
             f"meshid agent ready: {self._agent_svid.spiffe_id} workload API {self.config.socket}",
@@ -409,6 +422,8 @@ class Agent:
             with contextlib.suppress(asyncio.CancelledError):
                 await sync
             self._scheduler.shutdown(wait=False)
+            if self.config.persist_svid_cache:
+                self._save_cache()
             await server.stop()
             await attestor.aclose()
             for client in self._clients:
@@ -416,6 +431,44 @@ class Agent:
 
     def stop(self) -> None:
         self._stop.set()
+
+    # -- optional disk cache --------------------------------------------------------------------
+    def _restore_cache(self) -> None:
+        assert self.cache is not None
+        if not self._svid_cache_path.exists():
+            return
+        try:
+            revision, entries, svids, bundle, federated = disk_cache.load(self._svid_cache_path)
+        except AgentError as err:
+            log.warning("ignoring the stored SVID cache", extra={"error": str(err)})
+            return
+        now = datetime.now(UTC).timestamp()
+        self.state.revision, self.state.entries = revision, entries
+        self.state.bundle, self.state.federated = bundle, federated
+        self.state.synced_once = True
+        self.cache.set_entries(entries)
+        if bundle is not None:
+            self.cache.set_bundles(bundle, federated)
+        live = [s for s in svids.values() if s.not_after > now]
+        for svid in live:
+            nb = datetime.fromtimestamp(svid.not_before, UTC)
+            na = datetime.fromtimestamp(svid.not_after, UTC)
+            self._renew_at[svid.entry_id] = renew_at(nb, na, self._rng)
+        self.cache.put_svids(live)
+        self.cache.mark_ready()
+        log.info("served from the stored SVID cache", extra={"entries": len(entries)})
+
+    def _save_cache(self) -> None:
+        if self.cache is None or not self.state.synced_once:
+            return
+        disk_cache.save(
+            self._svid_cache_path,
+            revision=self.state.revision,
+            entries=dict(self.state.entries),
+            svids=dict(self.cache.held()),
+            bundle=self.state.bundle,
+            federated=dict(self.state.federated),
+        )
 
 
 def _pop_sign(key: PrivateKey, challenge: bytes) -> bytes:

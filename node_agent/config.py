@@ -84,6 +84,11 @@ class AgentConfig(_Model):
     x509pop_key: Path | None = None
     workload_attestors: WorkloadAttestors = Field(default_factory=WorkloadAttestors)
     svid_cache_max: int = Field(default=DEFAULT_SVID_CACHE_MAX, ge=1)
+    persist_svid_cache: bool = Field(
+        default=False,
+        description="keep workload SVIDs and keys on disk (0600) to serve through a restart "
+        "while no server answers; off: workload keys live in memory only",
+    )
     log_level: str = "info"
 
     @field_validator("trust_domain")

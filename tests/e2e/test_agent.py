@@ -230,3 +230,38 @@ def test_taint_replaces_svids_at_once(mesh: Mesh) -> None:
         assert replaced.wait(20), "a taint must make the agent replace the SVID at once"
     finally:
         source.close()
+
+
+def test_restart_during_outage_serves_from_the_optional_disk_cache() -> None:
+    root = _short_tmp()
+    port = free_port()
+    server = ServerProcess(
+        root / "srv", root / "adm" / "s.sock", extra_args=["--bind", f"127.0.0.1:{port}"]
+    ).start()
+    bundle = root / "bundle.pem"
+    bundle.write_text(server.cli("bundle", "show").stdout)
+    token = json.loads(server.cli("token", "generate", "-o", "json").stdout)
+    agent = AgentProcess(
+        root / "agent", root / "wl" / "api.sock", [f"127.0.0.1:{port}"], bundle,
+        join_token=token["token"], extra_args=["--persist-svid-cache"],
+    ).start()  # fmt: skip
+    mesh = Mesh(server, agent, token["agent_id"])
+    try:
+        _register(mesh, "cached", f"unix:uid:{os.getuid()}")
+        assert _wait_for_ids(mesh.endpoint, [f"spiffe://{TD}/cached"], timeout=30)
+        server.stop()
+        assert agent.stop() == 0  # writes the cache on the way out
+        cache = agent.data_dir / "svid_cache.json"
+        assert (cache.stat().st_mode & 0o777) == 0o600
+        agent.join_token = None
+        agent.start()
+        # No server: the restarted agent serves the stored SVID at once.
+        assert _fetch_ids(mesh.endpoint) == [f"spiffe://{TD}/cached"]
+        agent.stop()
+        agent.extra_args = ["--no-persist-svid-cache"]
+        agent.start()
+        assert not cache.exists(), "turning the option off removes the keys from disk"
+    finally:
+        agent.stop()
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
