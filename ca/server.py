@@ -208,7 +208,9 @@ def bundle_endpoint_app(service: CaService) -> FastAPI:
 def _tcp_socket(address: str) -> socket.socket:
     host, port = parse_host_port(address, "address")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio and grpclib set TCP_NODELAY on accepted connections only
+    # when the listening socket says so; without it small replies wait ~40 ms for delayed ACKs.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     sock.listen(128)

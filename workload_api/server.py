@@ -38,7 +38,9 @@ from typing import Any, ParamSpec, TypeVar
 from google.protobuf.message import Message
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
+from h2.settings import SettingCodes
 
 from . import compose
 from ._messages import (
@@ -60,6 +62,7 @@ from .peercred import PeerCredentials, peer_credentials, transport_of
 from .provider import IdentityProvider, JwtIdentity, Snapshot
 
 log = logging.getLogger(__name__)
+MAX_STREAMS_PER_CONNECTION = 1 << 20  # a connection may carry this many concurrent streams
 
 SERVICE = "SpiffeWorkloadAPI"  # no proto package: a package line would break every client
 FETCH_X509_SVID = f"/{SERVICE}/FetchX509SVID"
@@ -351,6 +354,32 @@ class WorkloadApiService:
         return len(open_transports)
 
 
+class _ManyStreamsServer(Server):
+    """grpclib's server, advertising room for many concurrent streams per connection.
+
+    h2 defaults to 100 (SETTINGS_MAX_CONCURRENT_STREAMS), and a grpcio client queues every
+    stream past that on the connection; one process's py-spiffe sources share a connection, so
+    the 101st ``X509Source`` would hang. grpc-go servers (SPIRE) allow practically unlimited.
+    The new setting is sent right after grpclib's connection preface; ``_connection`` (the
+    H2Connection) is private grpclib API, pinned by ``test_many_streams_on_one_connection``.
+    """
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        made = protocol.connection_made
+
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            made(transport)
+            connection = protocol.connection
+            connection._connection.update_settings(
+                {SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS_PER_CONNECTION}
+            )
+            connection.flush()
+
+        protocol.connection_made = connection_made  # type: ignore[method-assign]
+        return protocol
+
+
 class WorkloadApiServer:
     """The Workload API on a Unix socket: ``start()``, ``stop()``, or ``serve_forever()``."""
 
@@ -397,7 +426,7 @@ class WorkloadApiServer:
         )
         self._stopped = asyncio.Event()
         sock = bind_socket(self._socket_path, mode=self._socket_mode)
-        server = Server([self._service])
+        server = _ManyStreamsServer([self._service])
         try:
             await server.start(sock=sock)
         except BaseException:
