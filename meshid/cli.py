@@ -27,6 +27,7 @@ from .agent_cmd import agent_app, svid_app
 from .client import AdminClient, AdminError
 from .logs import setup_logging
 from .policy_cmd import policy_app
+from .proxy_cmd import proxy_app
 
 app = typer.Typer(
     name="meshid",
@@ -54,6 +55,7 @@ for sub, name in [
     (audit_app, "audit"),
     (agent_app, "agent"),
     (svid_app, "svid"),
+    (proxy_app, "proxy"),
 ]:
     app.add_typer(sub, name=name)
 app.add_typer(policy_app, name="policy")

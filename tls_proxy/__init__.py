@@ -1,5 +1,36 @@
-"""The mTLS sidecar proxy (lands with issue 4).
+"""The mTLS sidecar proxy (issue 4).
 
-Owns listeners, identity from the Workload API, the filter chain, HTTP codecs, upstream pools and
-load balancing. It must not evaluate policy itself: it calls ``authz``.
+Owns listeners (inbound mTLS, outbound mTLS), identity from files or the Workload API, SPIFFE
+verification of peers, the filter chain and the admin server. HTTP codecs, upstream pools,
+load balancing beyond round robin and transparent mode land later, as filters and codecs behind
+the same listener code. It must not evaluate policy itself: it calls ``authz``.
 """
+
+from .config import ProxyConfig, load_config, parse_config
+from .errors import ConfigError, IdentityError, PeerRejected, ProxyError, RejectReason
+from .identity import (
+    FileIdentitySource,
+    IdentitySnapshot,
+    IdentitySource,
+    WorkloadApiIdentitySource,
+)
+from .proxy import READY_LINE, Proxy
+from .spiffe_verify import verify_peer
+
+__all__ = [
+    "READY_LINE",
+    "ConfigError",
+    "FileIdentitySource",
+    "IdentityError",
+    "IdentitySnapshot",
+    "IdentitySource",
+    "PeerRejected",
+    "Proxy",
+    "ProxyConfig",
+    "ProxyError",
+    "RejectReason",
+    "WorkloadApiIdentitySource",
+    "load_config",
+    "parse_config",
+    "verify_peer",
+]

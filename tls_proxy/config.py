@@ -1,0 +1,265 @@
+"""The proxy's YAML configuration: parsed once into frozen, validated values.
+
+Owns the schema of ``meshid proxy run --config FILE`` and its error messages, which are one line
+naming the file, the key path and what was expected (``proxy.yaml: inbound[0].listen: expected
+HOST:PORT with a port in 0..65535 (got 'localhost')``). It must not open sockets or read
+certificates: relative file names are resolved against the config file's folder, nothing more.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from spiffe import SpiffeId, TrustDomain
+from spiffe.errors import PySpiffeError
+
+from authz import DEFAULT_POSTURE, Posture
+
+from .errors import ConfigError
+
+Protocol = Literal["tcp", "http", "auto"]
+SUPPORTED_PROTOCOLS = frozenset({"tcp"})  # http and auto land with the HTTP codec
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:15000"
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds: a TLS handshake takes milliseconds; stop slowloris
+DEFAULT_IDLE_TIMEOUT = 300.0  # seconds without a byte either way before a connection is closed
+DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach an upstream before failing over to the next
+DEFAULT_DRAIN_GRACE = 15.0  # seconds in-flight connections get after SIGTERM
+DEFAULT_POLL_INTERVAL = 1.0  # seconds between mtime checks of identity and policy files
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_address(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT with a port in 0..65535 (got {value!r})")
+    return value
+
+
+def split_address(value: str) -> tuple[str, int]:
+    """``"127.0.0.1:80"`` → ``("127.0.0.1", 80)``; ``[::1]:80`` → ``("::1", 80)``."""
+    host, _, port = value.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class IdentityConfig(_Model):
+    """Either ``workload_api`` or the three files ``cert``, ``key`` and ``bundle``."""
+
+    workload_api: str | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    bundle: Path | None = None
+    poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
+    timeout: float = Field(default=30.0, gt=0, description="wait for the first SVID")
+
+    @field_validator("workload_api")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("unix:///", "tcp://")):
+            raise ValueError(f"expected unix:///absolute/path or tcp://IP:PORT (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> IdentityConfig:
+        files = [self.cert, self.key, self.bundle]
+        if self.workload_api is not None and any(f is not None for f in files):
+            raise ValueError("expected either workload_api or cert/key/bundle, not both")
+        if self.workload_api is None and any(f is not None for f in files):
+            missing = [n for n, f in zip(("cert", "key", "bundle"), files, strict=True) if not f]
+            if missing:
+                raise ValueError(f"expected cert, key and bundle together; missing {missing}")
+        return self
+
+    @property
+    def from_files(self) -> bool:
+        return self.cert is not None
+
+
+class AdminConfig(_Model):
+    listen: str = DEFAULT_ADMIN_LISTEN
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+
+
+class TimeoutsConfig(_Model):
+    handshake: float = Field(default=DEFAULT_HANDSHAKE_TIMEOUT, gt=0)
+    idle: float = Field(default=DEFAULT_IDLE_TIMEOUT, gt=0)
+    connect: float = Field(default=DEFAULT_CONNECT_TIMEOUT, gt=0)
+    drain: float = Field(default=DEFAULT_DRAIN_GRACE, ge=0)
+
+    def as_timedelta(self, name: str) -> timedelta:
+        return timedelta(seconds=float(getattr(self, name)))
+
+
+class InboundConfig(_Model):
+    name: str = Field(min_length=1)
+    listen: str
+    forward: str
+    protocol: Protocol = "tcp"
+
+    _addresses = field_validator("listen", "forward")(classmethod(lambda cls, v: _check_address(v)))
+
+
+class OutboundConfig(_Model):
+    name: str = Field(min_length=1)
+    listen: str
+    upstream: tuple[str, ...] = Field(min_length=1)
+    expect_ids: tuple[str, ...] = Field(min_length=1)
+    protocol: Protocol = "tcp"
+
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstreams(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            _check_address(value)
+        return values
+
+    @field_validator("expect_ids")
+    @classmethod
+    def _ids(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        for value in values:
+            _check_spiffe_id(value)
+        return values
+
+
+class PolicyConfig(_Model):
+    file: Path | None = None
+    poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
+
+
+class AccessLogConfig(_Model):
+    """``path: "-"`` writes JSON lines to stdout; ``path: null`` turns the log off."""
+
+    path: str | None = "-"
+
+
+class ProxyConfig(_Model):
+    trust_domain: str | None = None
+    default_posture: Posture = DEFAULT_POSTURE
+    identity: IdentityConfig = Field(default_factory=IdentityConfig)
+    admin: AdminConfig = Field(default_factory=AdminConfig)
+    inbound: tuple[InboundConfig, ...] = ()
+    outbound: tuple[OutboundConfig, ...] = ()
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _td(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            parsed = TrustDomain(value)
+        except PySpiffeError as err:
+            raise ValueError(f"expected a trust domain name such as example.org ({err})") from err
+        if parsed.name != value:
+            raise ValueError(f"expected a lower-case trust domain name (got {value!r})")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ProxyConfig:
+        names = [i.name for i in self.inbound] + [o.name for o in self.outbound]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"expected unique listener names; {dup} used more than once")
+        return self
+
+    def public_dict(self) -> dict[str, Any]:
+        """The effective configuration for ``/config``: paths only, no key material."""
+        return self.model_dump(mode="json")
+
+
+def _check_spiffe_id(value: str) -> str:
+    try:
+        parsed = SpiffeId(value)
+    except PySpiffeError as err:
+        raise ValueError(f"expected a SPIFFE ID such as spiffe://example.org/web ({err})") from err
+    if str(parsed) != value:
+        raise ValueError(f"expected a SPIFFE ID in canonical form {str(parsed)!r}")
+    return value
+
+
+def _location(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not part.startswith(("function-", "tagged-union")):
+            out += f".{part}" if out else part
+    return out or "<top level>"
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "extra_forbidden":
+        return "unknown key (check the spelling against docs/proxy.md)"
+    msg = str(error["msg"])
+    msg = msg.removeprefix("Value error, ").removeprefix("Input should be ")
+    if msg.startswith("expected"):
+        return msg
+    return f"expected {msg} (got {error.get('input')!r})"
+
+
+def parse_config(data: object, source: str, base: Path | None = None) -> ProxyConfig:
+    """Validate decoded YAML ``data``; relative file names are resolved against ``base``."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: <top level>: expected a mapping (got {type(data).__name__})")
+    try:
+        config = ProxyConfig.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{source}: {_location(first['loc'])}: {_message(first)}") from err
+    if base is None:
+        return config
+    return _resolve(config, base)
+
+
+def _resolve(config: ProxyConfig, base: Path) -> ProxyConfig:
+    def rel(path: Path | None) -> Path | None:
+        return None if path is None or path.is_absolute() else base / path
+
+    ident = config.identity
+    identity = ident.model_copy(
+        update={k: rel(getattr(ident, k)) or getattr(ident, k) for k in ("cert", "key", "bundle")}
+    )
+    policy = config.policy.model_copy(
+        update={"file": rel(config.policy.file) or config.policy.file}
+    )
+    return config.model_copy(update={"identity": identity, "policy": policy})
+
+
+def load_config(path: Path) -> ProxyConfig:
+    """Read and validate the YAML file at ``path``; raises ``ConfigError`` with one line."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read: {err.strerror}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or err
+        raise ConfigError(f"{where}: <document>: expected valid YAML: {problem}") from err
+    return parse_config(data, str(path), path.parent)

@@ -1,0 +1,47 @@
+"""Proxy filters, one per module, and ``build_chain``, which assembles them in order.
+
+Order matters only for ``on_connection`` (the first ``Deny`` wins); every filter's ``on_close``
+runs. Observers come first so that they see every connection, ``authz`` last among the
+connection-level deciders. New filters (rate limits, telemetry) add a line here.
+"""
+
+from __future__ import annotations
+
+from typing import IO
+
+from ..config import ProxyConfig
+from ..metrics import ProxyMetrics
+from .access_log import AccessLogFilter, access_record
+from .authz import AuthzFilter, PolicyStore
+from .base import Connection, ConnectionFilter, Deny, FilterChain, RequestFilter
+from .metrics import MetricsFilter
+
+
+def build_chain(
+    config: ProxyConfig,
+    *,
+    policies: PolicyStore,
+    metrics: ProxyMetrics,
+    access_log_stream: IO[str] | None = None,
+) -> FilterChain:
+    """The connection filter chain of ``config``, in order."""
+    filters: list[ConnectionFilter] = [MetricsFilter(metrics)]
+    if config.access_log.path is not None or access_log_stream is not None:
+        filters.append(AccessLogFilter(config.access_log, access_log_stream))
+    filters.append(AuthzFilter(policies, metrics))
+    return FilterChain(filters)
+
+
+__all__ = [
+    "AccessLogFilter",
+    "AuthzFilter",
+    "Connection",
+    "ConnectionFilter",
+    "Deny",
+    "FilterChain",
+    "MetricsFilter",
+    "PolicyStore",
+    "RequestFilter",
+    "access_record",
+    "build_chain",
+]

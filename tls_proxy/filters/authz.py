@@ -1,0 +1,171 @@
+"""The ``authz`` filter: L4 authorization of each inbound connection by the ``authz`` engine.
+
+Owns ``PolicyStore`` (the policy file → an ``Engine``, reloaded when the file changes, keeping
+the last good set when the new text fails to parse; an unreadable or unparsable file at start
+fails closed with ``Engine.deny_all``) and ``AuthzFilter``, which asks the engine about every
+inbound connection: ``destination`` is our own SPIFFE ID, ``source_principal`` the verified peer
+ID, ``source_address`` the peer address, ``destination_port`` the port we accepted on, and
+``is_l4=True``. A deny closes the connection. Outbound connections are decided by the far
+side's inbound proxy, so this filter passes them. It must not evaluate policy itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from authz import Engine, PolicyError, Posture, Request, parse_policies
+from authz.model import Policy
+
+from ..metrics import ProxyMetrics
+from .base import Connection, Deny
+
+log = logging.getLogger(__name__)
+
+
+class PolicyStore:
+    """The current ``Engine`` compiled from the policy file (or none: posture only)."""
+
+    def __init__(
+        self,
+        file: Path | None,
+        *,
+        trust_domain: str,
+        federated: Iterable[str] = (),
+        default_posture: Posture,
+        metrics: ProxyMetrics | None = None,
+    ) -> None:
+        self.file = file
+        self._trust_domain = trust_domain
+        self._federated = tuple(sorted(set(federated) - {trust_domain}))
+        self._posture = default_posture
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._policies: tuple[Policy, ...] | None = None
+        self._stamp: tuple[int, int] | None = None
+        self.engine = Engine.deny_all("policy not loaded yet")
+        self.last_error: str | None = None
+        if file is None:
+            self._policies = ()
+            self.engine = self._compile(())
+        elif not self.reload():
+            reason = self.last_error or "policy file unusable"
+            log.error("policy unusable at start: failing closed", extra={"error": reason})
+            self.engine = Engine.deny_all(reason)
+
+    def _compile(self, policies: tuple[Policy, ...]) -> Engine:
+        return Engine.compile(
+            policies,
+            trust_domain=self._trust_domain,
+            federated_trust_domains=self._federated,
+            default_posture=self._posture,
+        )
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        assert self.file is not None
+        try:
+            st = os.stat(self.file)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def reload(self) -> bool:
+        """Read and compile the file now; on failure keep the last good engine and log why."""
+        if self.file is None:
+            return False
+        with self._lock:
+            stamp = self._file_stamp()
+            try:
+                text = self.file.read_text()
+                policies = parse_policies(text, str(self.file)).policies
+                engine = self._compile(policies)
+            except OSError as err:
+                return self._failed(f"{self.file}: cannot read: {err.strerror}", stamp)
+            except (PolicyError, UnicodeDecodeError) as err:
+                return self._failed(str(err), stamp)
+            self._stamp = stamp
+            self._policies = policies
+            self.engine = engine
+            self.last_error = None
+        log.info("policy loaded", extra={"file": str(self.file), "policies": len(policies)})
+        if self._metrics is not None:
+            self._metrics.policy_reloads.inc(result="ok")
+        return True
+
+    def _failed(self, reason: str, stamp: tuple[int, int] | None) -> bool:
+        self._stamp = stamp
+        self.last_error = reason
+        kept = "keeping the last good policy set" if self._policies is not None else "none yet"
+        log.error("policy reload failed", extra={"error": reason, "kept": kept})
+        if self._metrics is not None:
+            self._metrics.policy_reloads.inc(result="failed")
+        return False
+
+    def poll(self) -> bool:
+        """Reload when the file's mtime or size changed; True when a new set took effect."""
+        if self.file is None or self._file_stamp() == self._stamp:
+            return False
+        return self.reload()
+
+    def set_trust_domains(self, trust_domain: str, federated: Iterable[str]) -> None:
+        """Recompile for new trust domains (a bundle appeared or went) with the same policies."""
+        federated_sorted = tuple(sorted(set(federated) - {trust_domain}))
+        with self._lock:
+            if (trust_domain, federated_sorted) == (self._trust_domain, self._federated):
+                return
+            self._trust_domain, self._federated = trust_domain, federated_sorted
+            if self._policies is not None:
+                self.engine = self._compile(self._policies)
+
+    async def watch(self, interval: float) -> None:
+        """Poll the file every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            self.poll()
+
+
+class AuthzFilter:
+    name = "authz"
+
+    def __init__(self, store: PolicyStore, metrics: ProxyMetrics | None = None) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    def on_connection(self, conn: Connection) -> Deny | None:
+        if conn.direction != "inbound":
+            return None
+        if conn.local_id is None:
+            return Deny(self.name, "no local identity to authorize against")
+        verdict = self._store.engine.evaluate(
+            Request(
+                destination=conn.local_id,
+                source_principal=conn.peer_id,
+                source_address=conn.source_address,
+                destination_port=conn.destination_port,
+                is_l4=True,
+            )
+        )
+        conn.verdict = verdict
+        if self._metrics is not None:
+            self._metrics.authz.inc(listener=conn.listener, decision=verdict.decision)
+        if verdict.allowed:
+            return None
+        log.info(
+            "connection denied by policy",
+            extra={
+                "listener": conn.listener,
+                "peer_id": conn.peer_id,
+                "source": conn.source,
+                "policy": verdict.policy,
+                "rule": verdict.rule,
+                "reason": verdict.reason,
+            },
+        )
+        return Deny(self.name, verdict.reason)
+
+    def on_close(self, conn: Connection) -> None:
+        return None

@@ -1,0 +1,108 @@
+"""The filter interface: what a filter sees of a connection and how it answers.
+
+Owns ``Connection`` (per-connection state the listener fills in: peer identity, addresses,
+bytes, verdict, error), ``Deny``, the ``ConnectionFilter`` protocol (``on_connection`` after the
+peer is authenticated and before any byte is relayed; ``on_close`` once for every accepted
+connection, refused ones included), the ``RequestFilter`` protocol the HTTP codec will call per
+request, and ``FilterChain``. Filters are built once from their own frozen config block; state
+that belongs to one connection lives on the ``Connection``. It must not do socket I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+from authz import Verdict
+
+log = logging.getLogger(__name__)
+
+Direction = Literal["inbound", "outbound"]
+
+
+@dataclass
+class Connection:
+    """One accepted connection as the filters see it."""
+
+    listener: str
+    direction: Direction
+    source_address: str
+    source_port: int
+    destination_port: int
+    local_id: str | None = None
+    peer_id: str | None = None
+    upstream: str | None = None
+    bytes_in: int = 0  # from the initiator toward the far side
+    bytes_out: int = 0  # back toward the initiator
+    verdict: Verdict | None = None
+    result: str = "error"  # allowed | denied | rejected | error, set by the listener
+    error: str | None = None  # a RejectReason or a short failure label
+    detail: str | None = None
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def source(self) -> str:
+        return f"{self.source_address}:{self.source_port}"
+
+    def duration(self) -> float:
+        return time.monotonic() - self.started
+
+
+@dataclass(frozen=True)
+class Deny:
+    """A filter's refusal: the listener closes the connection; ``reason`` goes to the log."""
+
+    filter: str
+    reason: str
+
+
+class ConnectionFilter(Protocol):
+    """A connection-level filter."""
+
+    name: str
+
+    def on_connection(self, conn: Connection) -> Deny | None:
+        """Called once the peer is authenticated; return ``Deny`` to close the connection."""
+        ...
+
+    def on_close(self, conn: Connection) -> None:
+        """Called once when the connection ends, however it ended."""
+        ...
+
+
+class RequestFilter(Protocol):
+    """A request-level filter (declared for the HTTP codec; no listener calls it yet).
+
+    ``request`` and the return value will be the codec's request and response types; a
+    response returned ends the request there (a 403 from ``authz``), ``None`` passes it on.
+    """
+
+    name: str
+
+    async def on_request(self, conn: Connection, request: object) -> object | None: ...
+
+
+class FilterChain:
+    """Connection filters in order: the first ``Deny`` wins; ``on_close`` reaches every one."""
+
+    def __init__(self, filters: Sequence[ConnectionFilter]) -> None:
+        self.filters = tuple(filters)
+
+    def on_connection(self, conn: Connection) -> Deny | None:
+        for item in self.filters:
+            deny = item.on_connection(conn)
+            if deny is not None:
+                return deny
+        return None
+
+    def on_close(self, conn: Connection) -> None:
+        for item in self.filters:
+            try:
+                item.on_close(conn)
+            except Exception:  # an observer's bug must not leak the connection's cleanup
+                log.exception("filter on_close failed", extra={"filter": item.name})
