@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,14 +29,9 @@ class Mesh:
         return f"unix://{self.agent.socket}"
 
 
-def _short_tmp() -> Path:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    return Path(tempfile.mkdtemp(prefix="mid-", dir="/tmp"))
-
-
 @pytest.fixture
-def mesh() -> Iterator[Mesh]:
-    root = _short_tmp()
+def mesh(short_tmp: Path) -> Iterator[Mesh]:
+    root = short_tmp
     port = free_port()
     server = ServerProcess(
         root / "srv", root / "adm" / "s.sock", extra_args=["--bind", f"127.0.0.1:{port}"]
@@ -232,8 +226,8 @@ def test_taint_replaces_svids_at_once(mesh: Mesh) -> None:
         source.close()
 
 
-def test_restart_during_outage_serves_from_the_optional_disk_cache() -> None:
-    root = _short_tmp()
+def test_restart_during_outage_serves_from_the_optional_disk_cache(short_tmp: Path) -> None:
+    root = short_tmp
     port = free_port()
     server = ServerProcess(
         root / "srv", root / "adm" / "s.sock", extra_args=["--bind", f"127.0.0.1:{port}"]

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from ca.keys import KeyType, private_key_pem
 from tests.ca.nodeapi_support import ProvisioningCa
-from tests.e2e.test_agent import _short_tmp, _wait_for_ids
+from tests.e2e.test_agent import _wait_for_ids
 from tests.support.processes import AgentProcess, ServerProcess, free_port, meshid
 
 pytestmark = pytest.mark.slow
@@ -21,8 +21,8 @@ TD = "example.org"
 
 
 @pytest.mark.parametrize("key_type", [KeyType.EC_P256, KeyType.RSA_2048], ids=["ec", "rsa"])
-def test_x509pop_agent_with_a_node_alias(key_type: KeyType) -> None:
-    root = _short_tmp()
+def test_x509pop_agent_with_a_node_alias(key_type: KeyType, short_tmp: Path) -> None:
+    root = short_tmp
     ca = ProvisioningCa.create()
     node = ca.node("node-7", ("node-7.example.org",), key_type)
     (root / "prov.pem").write_bytes(ca.certificate.public_bytes(Encoding.PEM))

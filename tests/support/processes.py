@@ -37,30 +37,20 @@ def meshid(
     )
 
 
-@dataclass
-class ServerProcess:
-    """``meshid server run`` in a subprocess with its output collected."""
+class _Component:
+    """A ``meshid`` subprocess whose output is collected and whose ready line is awaited."""
 
-    data_dir: Path
-    socket: Path
-    trust_domain: str = "example.org"
-    extra_args: Sequence[str] = ()
-    database: str | None = None
-    proc: subprocess.Popen[str] | None = None
-    output: list[str] = field(default_factory=list)
-    _pump: threading.Thread = field(init=False, repr=False)
+    ready_line = ""
+    proc: subprocess.Popen[str] | None
+    output: list[str]
+    _pump: threading.Thread
 
-    def start(self) -> ServerProcess:
-        args = [
-            sys.executable, "-m", "meshid", "server", "run",
-            "--data-dir", str(self.data_dir),
-            "--trust-domain", self.trust_domain,
-            "--admin-socket", str(self.socket),
-            *(["--database", self.database] if self.database else []),
-            *self.extra_args,
-        ]  # fmt: skip
+    def _args(self) -> list[str]:
+        raise NotImplementedError
+
+    def _launch(self, *, wait_ready: bool = True) -> None:
         self.proc = subprocess.Popen(
-            args,
+            [sys.executable, "-m", "meshid", *self._args()],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -72,16 +62,15 @@ class ServerProcess:
             assert self.proc is not None and self.proc.stdout is not None
             for line in self.proc.stdout:
                 self.output.append(line)
-                if SERVER_READY in line:
+                if self.ready_line in line:
                     ready.set()
             ready.set()  # process ended: wake the waiter
 
         self._pump = threading.Thread(target=pump, daemon=True)
         self._pump.start()
-        if not ready.wait(READY_TIMEOUT) or self.proc.poll() is not None:
+        if wait_ready and (not ready.wait(READY_TIMEOUT) or self.proc.poll() is not None):
             self.stop()
-            raise RuntimeError("server did not become ready:\n" + "".join(self.output))
-        return self
+            raise RuntimeError(f"{self._args()[:2]} did not become ready:\n" + "".join(self.output))
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as in a crash."""
@@ -89,12 +78,6 @@ class ServerProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
         self._close()
-
-    def _close(self) -> None:
-        assert self.proc is not None
-        self._pump.join(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
 
     def stop(self) -> int:
         assert self.proc is not None
@@ -108,6 +91,41 @@ class ServerProcess:
         self._close()
         return self.proc.returncode
 
+    def _close(self) -> None:
+        assert self.proc is not None
+        self._pump.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+@dataclass
+class ServerProcess(_Component):
+    """``meshid server run`` in a subprocess with its output collected."""
+
+    data_dir: Path
+    socket: Path
+    trust_domain: str = "example.org"
+    extra_args: Sequence[str] = ()
+    database: str | None = None
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+    _pump: threading.Thread = field(init=False, repr=False)
+    ready_line = SERVER_READY
+
+    def _args(self) -> list[str]:
+        return [
+            "server", "run",
+            "--data-dir", str(self.data_dir),
+            "--trust-domain", self.trust_domain,
+            "--admin-socket", str(self.socket),
+            *(["--database", self.database] if self.database else []),
+            *self.extra_args,
+        ]  # fmt: skip
+
+    def start(self) -> ServerProcess:
+        self._launch()
+        return self
+
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return meshid(*args, "--socket", str(self.socket))
 
@@ -116,7 +134,7 @@ AGENT_READY = "meshid agent ready"
 
 
 @dataclass
-class AgentProcess:
+class AgentProcess(_Component):
     """``meshid agent run`` in a subprocess with its output collected."""
 
     data_dir: Path
@@ -129,10 +147,11 @@ class AgentProcess:
     proc: subprocess.Popen[str] | None = None
     output: list[str] = field(default_factory=list)
     _pump: threading.Thread = field(init=False, repr=False)
+    ready_line = AGENT_READY
 
-    def start(self, *, wait_ready: bool = True) -> AgentProcess:
-        args = [
-            sys.executable, "-m", "meshid", "agent", "run",
+    def _args(self) -> list[str]:
+        return [
+            "agent", "run",
             "--trust-domain", self.trust_domain,
             "--trust-bundle", str(self.trust_bundle),
             "--data-dir", str(self.data_dir),
@@ -141,40 +160,7 @@ class AgentProcess:
             *(["--join-token", self.join_token] if self.join_token else []),
             *self.extra_args,
         ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            args,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        ready = threading.Event()
 
-        def pump() -> None:
-            assert self.proc is not None and self.proc.stdout is not None
-            for line in self.proc.stdout:
-                self.output.append(line)
-                if AGENT_READY in line:
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if wait_ready and (not ready.wait(READY_TIMEOUT) or self.proc.poll() is not None):
-            self.stop()
-            raise RuntimeError("agent did not become ready:\n" + "".join(self.output))
+    def start(self, *, wait_ready: bool = True) -> AgentProcess:
+        self._launch(wait_ready=wait_ready)
         return self
-
-    def stop(self) -> int:
-        assert self.proc is not None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._pump.join(timeout=10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
