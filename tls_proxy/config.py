@@ -138,8 +138,33 @@ class OutboundConfig(_Model):
 
 
 class PolicyConfig(_Model):
+    """Policies from ``file`` (watched) or streamed from a meshid ``server``, not both.
+
+    With ``server``, ``trust_bundle`` (PEM) authenticates the server (default: our identity's
+    bundle for our trust domain) and ``fallback_file`` is enforced until the first set arrives
+    (without it the proxy denies every inbound connection until then).
+    """
+
     file: Path | None = None
+    server: str | None = None
+    trust_bundle: Path | None = None
+    fallback_file: Path | None = None
     poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, value: str | None) -> str | None:
+        return None if value is None else _check_address(value)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PolicyConfig:
+        if self.file is not None and self.server is not None:
+            raise ValueError("expected either file or server, not both")
+        if self.server is None:
+            extra = [k for k in ("trust_bundle", "fallback_file") if getattr(self, k) is not None]
+            if extra:
+                raise ValueError(f"expected {' and '.join(extra)} only together with server")
+        return self
 
 
 class AccessLogConfig(_Model):
@@ -243,8 +268,12 @@ def _resolve(config: ProxyConfig, base: Path) -> ProxyConfig:
     identity = ident.model_copy(
         update={k: rel(getattr(ident, k)) or getattr(ident, k) for k in ("cert", "key", "bundle")}
     )
-    policy = config.policy.model_copy(
-        update={"file": rel(config.policy.file) or config.policy.file}
+    pol = config.policy
+    policy = pol.model_copy(
+        update={
+            k: rel(getattr(pol, k)) or getattr(pol, k)
+            for k in ("file", "trust_bundle", "fallback_file")
+        }
     )
     return config.model_copy(update={"identity": identity, "policy": policy})
 

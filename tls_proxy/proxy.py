@@ -1,8 +1,9 @@
 """``Proxy``: the running sidecar, wired from a ``ProxyConfig``.
 
 Owns the lifecycle: refuse unsupported listener protocols before anything starts, load the
-identity (files or the Workload API), build TLS contexts, load the policy, assemble the filter
-chain, start listeners and the admin server, then report ready. Stop drains: not ready, stop
+identity (files or the Workload API), build TLS contexts, load the policy (a file, or the stream
+from the server through ``PolicySource``), assemble the filter chain, start listeners and the
+admin server, then report ready. Stop drains: not ready, stop
 accepting, in-flight connections get ``timeouts.drain`` seconds, then everything closes.
 ``reload`` (SIGHUP) re-reads identity files and the policy file. It must not relay bytes itself.
 """
@@ -25,6 +26,7 @@ from .identity import (
 )
 from .listeners import InboundListener, Listener, OutboundListener, check_protocol
 from .metrics import ProxyMetrics
+from .policy_source import PolicySource
 from .tls import TlsContexts
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class Proxy:
         self._access_log_stream = access_log_stream
         self._tls: TlsContexts | None = None
         self.policies: PolicyStore | None = None
+        self.policy_source: PolicySource | None = None
         self.listeners: list[Listener] = []
         self.admin: AdminServer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -84,12 +87,14 @@ class Proxy:
         snapshot = self._identity.current()
         trust_domain = config.trust_domain or snapshot.trust_domain
         self._tls = TlsContexts(self._identity)
+        from_server = config.policy.server is not None
         self.policies = PolicyStore(
-            config.policy.file,
+            config.policy.fallback_file if from_server else config.policy.file,
             trust_domain=trust_domain,
             federated=snapshot.bundles.keys(),
             default_posture=config.default_posture,
             metrics=self.metrics,
+            from_server=from_server,
         )
         self._identity.subscribe(self._on_identity)
         chain = build_chain(
@@ -118,6 +123,15 @@ class Proxy:
             self._tasks.append(
                 asyncio.create_task(self.policies.watch(config.policy.poll_interval))
             )
+        if config.policy.server is not None:
+            self.policy_source = PolicySource(
+                config.policy.server,
+                self._identity,
+                self.policies,
+                trust_bundle=config.policy.trust_bundle,
+                metrics=self.metrics,
+            )
+            self.policy_source.start()
         self._ready = True
         log.info(
             READY_LINE,
@@ -151,7 +165,16 @@ class Proxy:
                     "trust_domains": sorted(snapshot.bundles),
                     "listeners": {x.name: x.port for x in self.listeners},
                     "policy_error": None if self.policies is None else self.policies.last_error,
+                    "policy_revision": None if self.policies is None else self.policies.revision,
                 }
+                if self.policy_source is not None:
+                    status = self.policy_source.status
+                    data["effective"]["policy_server"] = {
+                        "address": self.policy_source.address,
+                        "connected": status.connected,
+                        "sets_received": status.sets_received,
+                        "last_error": status.last_error,
+                    }
         return data
 
     def reload(self) -> None:
@@ -179,6 +202,8 @@ class Proxy:
             listener.stop_accepting()
         left = await asyncio.gather(*(x.drain(grace) for x in self.listeners))
         log.info("proxy drained", extra={"cancelled": sum(left)})
+        if self.policy_source is not None:
+            await self.policy_source.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

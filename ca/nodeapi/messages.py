@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from ..entries import RegistrationEntry
 from . import node_pb2
+from .policy_stream import PolicySet
 from .service import AgentSvid
 from .sync import BundleDoc, Update, own_bundle_doc
 
@@ -33,6 +34,16 @@ def bundle_message(doc: BundleDoc) -> node_pb2.Bundle:
         spiffe_bundle=doc.document,
         sequence=doc.sequence,
         tainted_key_ids=list(doc.tainted),
+    )
+
+
+def policy_set_message(policy_set: PolicySet) -> node_pb2.PolicySet:
+    return node_pb2.PolicySet(
+        revision=policy_set.revision,
+        policies=[
+            node_pb2.StoredPolicy(name=p.name, document_json=p.document_json)
+            for p in policy_set.policies
+        ],
     )
 
 

@@ -169,3 +169,25 @@ class NewJWTSVIDResponse(_message.Message):
     token: str
     expires_at: int
     def __init__(self, token: _Optional[str] = ..., expires_at: _Optional[int] = ...) -> None: ...
+
+class WatchPoliciesRequest(_message.Message):
+    __slots__ = ("since_revision",)
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    since_revision: int
+    def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
+
+class PolicySet(_message.Message):
+    __slots__ = ("revision", "policies")
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    revision: int
+    policies: _containers.RepeatedCompositeFieldContainer[StoredPolicy]
+    def __init__(self, revision: _Optional[int] = ..., policies: _Optional[_Iterable[_Union[StoredPolicy, _Mapping]]] = ...) -> None: ...
+
+class StoredPolicy(_message.Message):
+    __slots__ = ("name", "document_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    document_json: bytes
+    def __init__(self, name: _Optional[str] = ..., document_json: _Optional[bytes] = ...) -> None: ...

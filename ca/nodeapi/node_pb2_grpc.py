@@ -275,3 +275,84 @@ class Node:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class PoliciesStub:
+    """Stored authorization policies for proxies. Any workload of the trust domain may call it with
+    its X509-SVID as client certificate; it receives only the policies that select it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.WatchPolicies = channel.unary_stream(
+                '/meshid.node.v1.Policies/WatchPolicies',
+                request_serializer=ca_dot_nodeapi_dot_node__pb2.WatchPoliciesRequest.SerializeToString,
+                response_deserializer=ca_dot_nodeapi_dot_node__pb2.PolicySet.FromString,
+                _registered_method=True)
+
+
+class PoliciesServicer:
+    """Stored authorization policies for proxies. Any workload of the trust domain may call it with
+    its X509-SVID as client certificate; it receives only the policies that select it.
+    """
+
+    def WatchPolicies(self, request, context):
+        """The full set of stored policies selecting the caller (their selector.spiffe_ids contains
+        its SPIFFE ID, or they have no selector): first at once, then again whenever that set
+        changes. since_revision is advisory: the first message is always the full set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_PoliciesServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'WatchPolicies': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchPolicies,
+                    request_deserializer=ca_dot_nodeapi_dot_node__pb2.WatchPoliciesRequest.FromString,
+                    response_serializer=ca_dot_nodeapi_dot_node__pb2.PolicySet.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'meshid.node.v1.Policies', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('meshid.node.v1.Policies', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Policies:
+    """Stored authorization policies for proxies. Any workload of the trust domain may call it with
+    its X509-SVID as client certificate; it receives only the policies that select it.
+    """
+
+    @staticmethod
+    def WatchPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/meshid.node.v1.Policies/WatchPolicies',
+            ca_dot_nodeapi_dot_node__pb2.WatchPoliciesRequest.SerializeToString,
+            ca_dot_nodeapi_dot_node__pb2.PolicySet.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

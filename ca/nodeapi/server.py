@@ -5,7 +5,11 @@ Owns the wire of ``node.proto`` (service ``meshid.node.v1.Node``): TLS presentin
 ``ServerIdentity``, so new handshakes get the new certificate and trust roots), client
 certificates requested but optional at the TLS layer (``AttestAgent`` has none), every other
 call authenticated from the TLS peer's certificate, and the mapping of errors to gRPC statuses.
-What is decided comes from ``NodeService`` and ``EntrySync``, which run in worker threads.
+What is decided comes from ``NodeService``, ``EntrySync`` and ``PolicyStream``, which run in
+worker threads. The same port serves ``meshid.node.v1.Policies``: ``WatchPolicies`` takes any
+X509-SVID of our trust domain (a proxy, not only an agent), checked with ``verify_peer_svid``
+against the current authorities, and ends when that SVID expires (the proxy reconnects with its
+renewed one).
 
 Why grpclib and not grpcio's server: grpcio can only *not request* client certificates or
 *require* them (its Python API exposes no "request, optional" mode), and attestation needs an
@@ -20,7 +24,7 @@ release renames either.
 Statuses: bad parameters ``INVALID_ARGUMENT``; any refusal (bad, used or expired token, failed
 challenge, untrusted certificate, banned, evicted, unauthorized entry) ``PERMISSION_DENIED`` with a
 terse message (the detail goes to the log at INFO); no authority or database ``UNAVAILABLE``;
-server stopping: open sync streams end with ``UNAVAILABLE``.
+server stopping: open sync and policy streams end with ``UNAVAILABLE``.
 """
 
 from __future__ import annotations
@@ -49,12 +53,13 @@ from ..errors import (
     NotFound,
     PermissionDenied,
 )
-from ..server_identity import ServerIdentity
+from ..server_identity import ServerIdentity, verify_peer_svid
 from ..service import CaService
 from . import node_pb2
 from .attestation import ATTESTATION_TYPES, JOIN_TOKEN, X509POP
 from .errors import Refused
-from .messages import agent_svid_message, der_chain, sync_responses
+from .messages import agent_svid_message, der_chain, policy_set_message, sync_responses
+from .policy_stream import PolicyFeed, PolicySet, PolicyStream
 from .service import CallingAgent, NodeService
 from .sync import EntrySync, Update
 from .watch import POLL_INTERVAL, ChangeWatch
@@ -62,6 +67,7 @@ from .watch import POLL_INTERVAL, ChangeWatch
 log = logging.getLogger(__name__)
 
 SERVICE = "/meshid.node.v1.Node"
+POLICIES_SERVICE = "/meshid.node.v1.Policies"
 CHALLENGE_TIMEOUT = 30.0  # seconds an agent has to answer the x509pop challenge
 GAP_RECHECK = 1.0  # seconds between looks for late-committed revisions (PostgreSQL)
 STOP_GRACE = 5.0  # seconds for open calls to end before they are cancelled
@@ -105,12 +111,22 @@ async def _answering(rpc: str) -> AsyncIterator[None]:
 
 
 class NodeApi:
-    """The five handlers, declared to grpclib through ``__mapping__``."""
+    """The handlers of both services, declared to grpclib through ``__mapping__``."""
 
-    def __init__(self, nodes: NodeService, sync: EntrySync, watch: ChangeWatch) -> None:
+    def __init__(
+        self,
+        nodes: NodeService,
+        sync: EntrySync,
+        watch: ChangeWatch,
+        *,
+        policies: PolicyFeed,
+        policy_watch: ChangeWatch,
+    ) -> None:
         self.nodes = nodes
         self.sync = sync
         self.watch = watch
+        self.policies = policies
+        self.policy_watch = policy_watch
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -146,6 +162,12 @@ class NodeApi:
                 Cardinality.UNARY_UNARY,
                 node_pb2.NewJWTSVIDRequest,
                 node_pb2.NewJWTSVIDResponse,
+            ),
+            f"{POLICIES_SERVICE}/WatchPolicies": Handler(
+                self.watch_policies,
+                Cardinality.UNARY_STREAM,
+                node_pb2.WatchPoliciesRequest,
+                node_pb2.PolicySet,
             ),
         }
 
@@ -295,6 +317,58 @@ class NodeApi:
                 )
             )
 
+    # -- WatchPolicies ------------------------------------------------------------------------
+    async def watch_policies(
+        self, stream: Stream[node_pb2.WatchPoliciesRequest, node_pb2.PolicySet]
+    ) -> None:
+        async with self._call("WatchPolicies", stream):
+            request = await stream.recv_message()
+            assert request is not None
+            ca = self.nodes.ca
+            peer = await asyncio.to_thread(verify_peer_svid, ca, _peer_leaf(stream))
+            spiffe_id = str(peer.spiffe_id)
+            expires = peer.certificate.not_valid_after_utc
+            watch = self.policy_watch
+            seen = watch.generation  # before reading: a change from now on wakes us
+            policy_stream = PolicyStream(self.policies, spiffe_id)
+            first = await asyncio.to_thread(policy_stream.first)
+            log.info(
+                "policy watch opened",
+                extra={
+                    "spiffe_id": spiffe_id,
+                    "since_revision": request.since_revision,
+                    "revision": first.revision,
+                    "policies": len(first.policies),
+                },
+            )
+            await self._send_policies(stream, spiffe_id, first)
+            while True:
+                left = (expires - ca.clock()).total_seconds()
+                if left <= 0:
+                    raise Refused("client SVID expired", f"{spiffe_id}: SVID expired at {expires}")
+                seen = await watch.wait(seen, left)
+                if watch.closed:
+                    raise GRPCError(Status.UNAVAILABLE, "server is shutting down")
+                update = await asyncio.to_thread(policy_stream.next)
+                if update is not None:
+                    await self._send_policies(stream, spiffe_id, update)
+
+    @staticmethod
+    async def _send_policies(
+        stream: Stream[node_pb2.WatchPoliciesRequest, node_pb2.PolicySet],
+        spiffe_id: str,
+        policy_set: PolicySet,
+    ) -> None:
+        log.debug(
+            "policy set sent",
+            extra={
+                "spiffe_id": spiffe_id,
+                "revision": policy_set.revision,
+                "policies": ",".join(policy_set.names),
+            },
+        )
+        await stream.send_message(policy_set_message(policy_set))
+
 
 class _Connection(asyncio.Protocol):
     """grpclib's protocol for one connection, with the connection recorded while it lives."""
@@ -366,7 +440,7 @@ def tls_context(identity: ServerIdentity) -> ssl.SSLContext:
 
 
 class NodeApiServer:
-    """The node API of one server replica: the poller, the handlers, the listener."""
+    """The node API of one server replica: the pollers, the handlers, the listener."""
 
     def __init__(
         self,
@@ -384,7 +458,9 @@ class NodeApiServer:
         self._server: _Server | None = None
         self._api: NodeApi | None = None
         self._watch: ChangeWatch | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self._policy_watch: ChangeWatch | None = None
+        self.policies = PolicyFeed(ca)
+        self._pollers: list[asyncio.Task[None]] = []
         self._unlisten: Any = None
         self.port = 0
 
@@ -397,16 +473,26 @@ class NodeApiServer:
         port."""
         loop = asyncio.get_running_loop()
         watch = ChangeWatch(self._read_marks, interval=self._poll_interval)
+        policy_watch = ChangeWatch(self.policies.revision, interval=self._poll_interval)
+
+        def kick() -> None:
+            watch.kick()
+            policy_watch.kick()
 
         def on_change() -> None:
             # From the thread that committed; the loop is gone once the server stopped.
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(watch.kick)
+                loop.call_soon_threadsafe(kick)
 
-        self._watch = watch
+        self._watch, self._policy_watch = watch, policy_watch
         self._unlisten = self.ca.add_change_listener(on_change)
-        self._poller = asyncio.create_task(watch.run(), name="node-api-change-poll")
-        self._api = NodeApi(self.nodes, self.sync, watch)
+        self._pollers = [
+            asyncio.create_task(watch.run(), name="node-api-change-poll"),
+            asyncio.create_task(policy_watch.run(), name="node-api-policy-poll"),
+        ]
+        self._api = NodeApi(
+            self.nodes, self.sync, watch, policies=self.policies, policy_watch=policy_watch
+        )
         self._server = _Server([self._api])
         await self._server.start(sock=sock, ssl=tls_context(self.identity))
         host, self.port = sock.getsockname()[:2]
@@ -423,14 +509,16 @@ class NodeApiServer:
             self._unlisten()
             self._unlisten = None
         watch.close()
+        if self._policy_watch is not None:
+            self._policy_watch.close()
         clean = await api.wait_idle(grace)
         server.close()
         await server.wait_closed()
         connections = await server.close_connections(CLOSE_GRACE)
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
+        for poller in self._pollers:
+            poller.cancel()
+        await asyncio.gather(*self._pollers, return_exceptions=True)
+        self._pollers = []
         log.info("node API stopped", extra={"clean": clean, "connections": connections})
 
     async def __aenter__(self) -> NodeApiServer:

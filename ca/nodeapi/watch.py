@@ -1,10 +1,11 @@
-"""Change detection for entry sync: one poller per server, many waiting streams.
+"""Change detection for streams: one poller per server and kind of mark, many waiting streams.
 
 Owns *when* streams look again. The CaService's change listener kicks the poller at once (a
 change made through this replica); otherwise it polls the database's cheap marks (newest entry
 revision, bundle sequence, nodes revision, federated bundles) every ``POLL_INTERVAL``, so changes
 made by other replicas arrive too. Streams wait for the generation to move; each then works out
 for itself what changed. It must not read entries itself or know what an agent is authorized for.
+The node API runs two: entry sync's marks, and the policies revision for ``WatchPolicies``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from ..datastore.entry_graph import SyncMarks
 from ..errors import CaError
 
 log = logging.getLogger(__name__)
@@ -26,11 +26,12 @@ class ChangeWatch:
     """A generation counter that moves whenever the marks change (asyncio, one loop)."""
 
     def __init__(
-        self, read_marks: Callable[[], SyncMarks], *, interval: float = POLL_INTERVAL
+        self, read_marks: Callable[[], object], *, interval: float = POLL_INTERVAL
     ) -> None:
+        """``read_marks`` returns a value comparable with ``==`` that moves on every change."""
         self._read_marks = read_marks
         self._interval = interval
-        self._marks: SyncMarks | None = None
+        self._marks: object = None
         self._kicked = asyncio.Event()
         self._moved = asyncio.Event()
         self.generation = 0

@@ -2,23 +2,28 @@
 
 Owns ``PolicyStore`` (the policy file → an ``Engine``, reloaded when the file changes, keeping
 the last good set when the new text fails to parse; an unreadable or unparsable file at start
-fails closed with ``Engine.deny_all``) and ``AuthzFilter``, which asks the engine about every
-inbound connection: ``destination`` is our own SPIFFE ID, ``source_principal`` the verified peer
-ID, ``source_address`` the peer address, ``destination_port`` the port we accepted on, and
-``is_l4=True``. A deny closes the connection. Outbound connections are decided by the far
-side's inbound proxy, so this filter passes them. It must not evaluate policy itself.
+fails closed with ``Engine.deny_all``; or, with ``from_server``, the sets ``policy_source``
+receives, swapped in by ``apply_set`` the same way, and until the first one the optional
+fallback file or else ``Engine.deny_all(NO_POLICY_YET)``) and ``AuthzFilter``, which asks the
+engine about every inbound connection: ``destination`` is our own SPIFFE ID, ``source_principal``
+the verified peer ID, ``source_address`` the peer address, ``destination_port`` the port we
+accepted on, and ``is_l4=True``. A deny closes the connection; a new engine applies to
+connections accepted from then on (L4 authorization is decided once, at connection start).
+Outbound connections are decided by the far side's inbound proxy, so this filter passes them.
+It must not evaluate policy itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from authz import Engine, PolicyError, Posture, Request, parse_policies
+from authz import Engine, PolicyError, Posture, Request, parse_policies, parse_policy_dict
 from authz.model import Policy
 
 from ..metrics import ProxyMetrics
@@ -26,9 +31,12 @@ from .base import Connection, Deny
 
 log = logging.getLogger(__name__)
 
+NO_POLICY_YET = "no policy received from the server yet"
+
 
 class PolicyStore:
-    """The current ``Engine`` compiled from the policy file (or none: posture only)."""
+    """The current ``Engine`` compiled from the policy file (or none: posture only), or from the
+    sets the server streams (``from_server``; ``file`` is then the optional fallback)."""
 
     def __init__(
         self,
@@ -38,8 +46,11 @@ class PolicyStore:
         federated: Iterable[str] = (),
         default_posture: Posture,
         metrics: ProxyMetrics | None = None,
+        from_server: bool = False,
     ) -> None:
         self.file = file
+        self.from_server = from_server
+        self.revision: int | None = None  # the server's policies revision in force
         self._trust_domain = trust_domain
         self._federated = tuple(sorted(set(federated) - {trust_domain}))
         self._posture = default_posture
@@ -49,7 +60,9 @@ class PolicyStore:
         self._stamp: tuple[int, int] | None = None
         self.engine = Engine.deny_all("policy not loaded yet")
         self.last_error: str | None = None
-        if file is None:
+        if file is None and from_server:
+            self.engine = Engine.deny_all(NO_POLICY_YET)
+        elif file is None:
             self._policies = ()
             self.engine = self._compile(())
         elif not self.reload():
@@ -74,8 +87,10 @@ class PolicyStore:
         return (st.st_mtime_ns, st.st_size)
 
     def reload(self) -> bool:
-        """Read and compile the file now; on failure keep the last good engine and log why."""
-        if self.file is None:
+        """Read and compile the file now; on failure keep the last good engine and log why.
+
+        A fallback file never replaces a set received from the server."""
+        if self.file is None or self.revision is not None:
             return False
         with self._lock:
             stamp = self._file_stamp()
@@ -92,6 +107,33 @@ class PolicyStore:
             self.engine = engine
             self.last_error = None
         log.info("policy loaded", extra={"file": str(self.file), "policies": len(policies)})
+        if self._metrics is not None:
+            self._metrics.policy_reloads.inc(result="ok")
+        return True
+
+    def apply_set(self, documents: Sequence[tuple[str, bytes]], revision: int) -> bool:
+        """Swap in a set from the server (name, JSON document): all of it or, when any document
+        fails to parse, none of it: the last good engine stays and the reason is logged."""
+        with self._lock:
+            try:
+                policies = tuple(
+                    policy
+                    for name, document in documents
+                    for policy in parse_policy_dict(
+                        _json(document, name), f"server policy {name} (revision {revision})"
+                    ).policies
+                )
+                engine = self._compile(policies)
+            except PolicyError as err:
+                return self._failed(str(err), self._stamp)
+            self._policies = policies
+            self.engine = engine
+            self.revision = revision
+            self.last_error = None
+        log.info(
+            "policy set from the server in force",
+            extra={"revision": revision, "policies": ",".join(p.name for p in policies)},
+        )
         if self._metrics is not None:
             self._metrics.policy_reloads.inc(result="ok")
         return True
@@ -126,6 +168,13 @@ class PolicyStore:
         while True:
             await asyncio.sleep(interval)
             self.poll()
+
+
+def _json(document: bytes, name: str) -> object:
+    try:
+        return json.loads(document)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise PolicyError(f"server policy {name}", "", f"expected a JSON document ({err})") from err
 
 
 class AuthzFilter:

@@ -1,0 +1,157 @@
+"""End to end: ``meshid policy apply`` on a real server process, enforced by a running proxy.
+
+A real ``meshid server run --bind`` process; SVIDs for both proxies minted from it with
+``meshid x509 mint`` (so they chain to its bundle); the inbound proxy (``policy: {server: ...}``,
+default posture ``allow``: no policy stored means traffic flows) and the outbound proxy run in
+this test's event loop with file identities; an echo app behind the inbound proxy.
+
+Cross-process state is awaited by polling new connections with a deadline, no fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.processes import ServerProcess, free_port
+
+from ._harness import echo_app, exchange
+from ._harness import running as proxy_running
+from ._pki import CLIENT, WEB
+from .test_policy_server import DEADLINE, DENY_CLIENT, until
+
+pytestmark = pytest.mark.slow
+
+FIRST_SET_TIMEOUT = 10.0  # seconds for the proxy's first connection to a freshly started server
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer."""
+    root = Path(tempfile.mkdtemp(prefix="mid-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def _mint(server: ServerProcess, spiffe_id: str, out: Path) -> dict[str, str]:
+    result = server.cli("x509", "mint", "--spiffe-id", spiffe_id, "--write", str(out))
+    assert result.returncode == 0, result.stderr
+    return {
+        "cert": str(out / "svid.pem"),
+        "key": str(out / "svid.key"),
+        "bundle": str(out / "bundle.pem"),
+    }
+
+
+def _cli(server: ServerProcess, *args: str) -> None:
+    result = server.cli(*args)
+    assert result.returncode == 0, result.stderr
+
+
+def test_apply_deny_delete_through_a_real_server(short_tmp: Path) -> None:
+    root = short_tmp
+    port = free_port()
+    server = ServerProcess(
+        root / "srv", root / "adm" / "s.sock", extra_args=["--bind", f"127.0.0.1:{port}"]
+    ).start()
+    policy_file = root / "deny.yaml"
+    policy_file.write_text(DENY_CLIENT)
+    try:
+        web_identity = _mint(server, WEB, root / "web")
+        client_identity = _mint(server, CLIENT, root / "client")
+        common: dict[str, Any] = {
+            "admin": {"listen": "127.0.0.1:0"},
+            "timeouts": {"drain": 2, "handshake": 5},
+        }
+
+        async def scenario() -> None:
+            async with echo_app() as echo:
+                inbound_config = {
+                    **common,
+                    "identity": web_identity,
+                    "default_posture": "allow",
+                    "inbound": [
+                        {
+                            "name": "web",
+                            "listen": "127.0.0.1:0",
+                            "forward": f"127.0.0.1:{echo.port}",
+                        }
+                    ],
+                    "policy": {"server": f"127.0.0.1:{port}"},
+                }
+                async with proxy_running(inbound_config, root) as inbound:
+                    store = inbound.proxy.policies
+                    assert store is not None
+                    await until(
+                        lambda: asyncio.sleep(0, store.revision is not None),
+                        "the first policy set",
+                        FIRST_SET_TIMEOUT,
+                    )
+                    outbound_config = {
+                        **common,
+                        "identity": client_identity,
+                        "outbound": [
+                            {
+                                "name": "to-web",
+                                "listen": "127.0.0.1:0",
+                                "upstream": [f"127.0.0.1:{inbound.port('web')}"],
+                                "expect_ids": [WEB],
+                            }
+                        ],
+                    }
+                    async with proxy_running(outbound_config, root) as outbound:
+                        mesh = outbound.port("to-web")
+
+                        async def allowed() -> bool:
+                            return await exchange(mesh, b"ping") == b"ping"
+
+                        async def denied() -> bool:
+                            return await exchange(mesh, b"ping") == b""
+
+                        assert await allowed()
+                        reader, writer = await asyncio.open_connection("127.0.0.1", mesh)
+                        writer.write(b"open")
+                        assert await reader.readexactly(4) == b"open"
+
+                        # The CLI returns once the policy is stored; from then on: < 1 s.
+                        await asyncio.to_thread(
+                            _cli, server, "policy", "apply", "-f", str(policy_file)
+                        )
+                        await until(denied, "the DENY policy enforced", DEADLINE)
+                        writer.write(b"still")  # L4 authz is decided at connection start
+                        assert await reader.readexactly(5) == b"still"
+
+                        await asyncio.to_thread(
+                            _cli, server, "policy", "delete", "--name", "no-client"
+                        )
+                        await until(allowed, "the deletion enforced", DEADLINE)
+
+                        await asyncio.to_thread(
+                            _cli, server, "policy", "apply", "-f", str(policy_file)
+                        )
+                        await until(denied, "the DENY policy enforced again", DEADLINE)
+                        kept = store.revision
+                        await asyncio.to_thread(server.stop)
+                        source = inbound.proxy.policy_source
+                        assert source is not None
+                        await until(
+                            lambda: asyncio.sleep(0, not source.status.connected),
+                            "the stream noticing the server is gone",
+                            5,
+                        )
+                        assert await denied()  # the last good set is kept
+                        assert store.revision == kept
+                        writer.write(b"end")
+                        assert await reader.readexactly(3) == b"end"
+                        writer.close()
+
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
