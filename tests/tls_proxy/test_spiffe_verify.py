@@ -15,18 +15,18 @@ OURS = new_authority(TD)
 PARTNER = new_authority("partner.org")
 STRANGER = new_authority(TD)  # another CA claiming our trust domain
 BUNDLES = {TD: (OURS.cert,), "partner.org": (PARTNER.cert,)}
-NOW = datetime.now(UTC)
+NOW = datetime.now(UTC)  # a base for minting; checks use the time they run at
 DER = Encoding.DER
 
 
 def test_valid_svid_of_our_trust_domain_is_accepted() -> None:
     svid = mint(OURS, WEB)
-    assert str(verify_peer(svid.chain_der, BUNDLES, now=NOW)) == WEB
+    assert str(verify_peer(svid.chain_der, BUNDLES, now=datetime.now(UTC))) == WEB
 
 
 def test_federated_peer_verifies_against_its_own_bundle() -> None:
     svid = mint(PARTNER, "spiffe://partner.org/api")
-    peer = verify_peer(svid.chain_der, BUNDLES, now=NOW, expect_ids={"spiffe://partner.org/api"})
+    peer = verify_peer(svid.chain_der, BUNDLES, now=datetime.now(UTC), expect_ids={"spiffe://partner.org/api"})
     assert str(peer) == "spiffe://partner.org/api"
 
 
@@ -36,7 +36,7 @@ def test_chain_including_its_root_is_accepted() -> None:
         *svid.chain_der,
         OURS.cert.public_bytes(DER),
     ]
-    assert str(verify_peer(chain, BUNDLES, now=NOW)) == WEB
+    assert str(verify_peer(chain, BUNDLES, now=datetime.now(UTC))) == WEB
 
 
 CASES = [
@@ -99,5 +99,5 @@ CASES = [
 )
 def test_rejections_name_their_reason(chain, options, reason, detail) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(PeerRejected, match=detail) as caught:
-        verify_peer(chain(), BUNDLES, now=NOW, **options)
+        verify_peer(chain(), BUNDLES, now=datetime.now(UTC), **options)
     assert caught.value.reason is reason
