@@ -26,7 +26,9 @@ def test_valid_svid_of_our_trust_domain_is_accepted() -> None:
 
 def test_federated_peer_verifies_against_its_own_bundle() -> None:
     svid = mint(PARTNER, "spiffe://partner.org/api")
-    peer = verify_peer(svid.chain_der, BUNDLES, now=datetime.now(UTC), expect_ids={"spiffe://partner.org/api"})
+    peer = verify_peer(
+        svid.chain_der, BUNDLES, now=datetime.now(UTC), expect_ids={"spiffe://partner.org/api"}
+    )
     assert str(peer) == "spiffe://partner.org/api"
 
 
