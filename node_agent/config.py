@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from workload_api.attestors.composite import AttestorsConfig, K8sConfig
@@ -118,6 +119,24 @@ class AgentConfig(_Model):
         return timedelta(seconds=30)
 
 
+def trust_domain_from_bundle(path: Path) -> str | None:
+    """The trust domain a meshid root names in its URI SAN (``spiffe://td``), if any; so
+    ``--trust-domain`` can be left out when the bundle says it (upstream roots may not)."""
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # the agent reports an unreadable bundle with its own precise error
+    for cert in certs:
+        try:
+            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        except x509.ExtensionNotFound:
+            continue
+        for uri in san.value.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith("spiffe://") and "/" not in uri[len("spiffe://") :]:
+                return uri[len("spiffe://") :]
+    return None
+
+
 def load_agent_config(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
     data: dict[str, Any] = {}
     source = "flags"
@@ -140,6 +159,10 @@ def load_agent_config(path: Path | None, overrides: dict[str, Any]) -> AgentConf
         if isinstance(agent, dict):
             data = {**agent, **data}
     data.update({k: v for k, v in overrides.items() if v not in (None, [], ())})
+    if "trust_domain" not in data and data.get("trust_bundle"):
+        derived = trust_domain_from_bundle(Path(data["trust_bundle"]))
+        if derived is not None:
+            data["trust_domain"] = derived
     if "socket" not in data and os.environ.get(ENDPOINT_ENV):
         data["socket"] = str(parse_endpoint_socket(os.environ[ENDPOINT_ENV]))
     try:

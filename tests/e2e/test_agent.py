@@ -40,13 +40,10 @@ def mesh(short_tmp: Path) -> Iterator[Mesh]:
     bundle.write_text(server.cli("bundle", "show").stdout)
     token_out = server.cli("token", "generate", "-o", "json")
     token = json.loads(token_out.stdout)
-    agent = AgentProcess(
-        root / "agent",
-        root / "wl" / "api.sock",
-        [f"127.0.0.1:{port}"],
-        bundle,
-        join_token=token["token"],
-    ).start()
+    agent = AgentProcess(  # the command form: the trust domain comes from the bundle
+        root / "agent", root / "wl" / "api.sock", [f"127.0.0.1:{port}"], bundle,
+        join_token=token["token"], trust_domain="",
+    ).start()  # fmt: skip
     yield Mesh(server, agent, token["agent_id"])
     agent.stop()
     server.stop()

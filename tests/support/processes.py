@@ -152,7 +152,7 @@ class AgentProcess(_Component):
     def _args(self) -> list[str]:
         return [
             "agent", "run",
-            "--trust-domain", self.trust_domain,
+            *(["--trust-domain", self.trust_domain] if self.trust_domain else []),
             "--trust-bundle", str(self.trust_bundle),
             "--data-dir", str(self.data_dir),
             "--socket", str(self.socket),
