@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from tests.conftest import PG_ENV
 from tests.support.processes import ServerProcess
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -18,7 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 
 def test_replicas_share_postgres(tmp_path: Path, database_url: str) -> None:
     if not database_url.startswith("postgresql"):
-        pytest.skip(f"replicas share a PostgreSQL database; set {PG_ENV}")
+        pytest.skip("replicas share one PostgreSQL database: only the postgresql case runs")
     replicas = [
         ServerProcess(
             tmp_path / f"r{i}", tmp_path / f"r{i}-admin" / "s.sock", database=database_url
