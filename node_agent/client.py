@@ -9,6 +9,7 @@ errors. It decides nothing about what to sign or when.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 SERVER_TLS_NAME = "meshid-server"  # the DNS SAN every meshid server SVID carries
 CALL_TIMEOUT = 30.0  # seconds for unary calls; streams have none
 KEEPALIVE_MS = 20_000  # notice a dead server on an idle sync stream within ~40 s
+RETIRED_GRACE = 5.0  # seconds a replaced channel's remaining calls get before it closes
 MAX_MESSAGE = 64 * 1024 * 1024  # chunks are far smaller; this only bounds a bad peer
 
 
@@ -142,6 +144,7 @@ class NodeClient:
         self._stub: node_pb2_grpc.NodeStub | None = None
         self._built_for: tuple[bytes, tuple[bytes, bytes] | None] | None = None
         self._retired: list[grpc.aio.Channel] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     def _stub_now(self) -> node_pb2_grpc.NodeStub:
         wanted = (self._bundle(), self._credentials())
@@ -168,11 +171,19 @@ class NodeClient:
             self._stub = node_pb2_grpc.NodeStub(self._channel)  # type: ignore[no-untyped-call]
             self._built_for = wanted
             if old is not None:
-                self._retired.append(old)  # closed by close(); open streams on it finish first
+                # Open streams on the old channel (the sync stream) finish first; older retired
+                # channels have had a whole renewal period to drain and are closed now.
+                for stale in self._retired:
+                    task = asyncio.get_running_loop().create_task(stale.close(RETIRED_GRACE))
+                    self._closing.add(task)
+                    task.add_done_callback(self._closing.discard)
+                self._retired = [old]
         assert self._stub is not None
         return self._stub
 
     async def close(self) -> None:
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
         for channel in [*self._retired, *([self._channel] if self._channel else [])]:
             await channel.close()
         self._retired.clear()
