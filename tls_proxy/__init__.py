@@ -1,9 +1,10 @@
 """The mTLS sidecar proxy (issue 4).
 
 Owns listeners (inbound mTLS, outbound mTLS), identity from files or the Workload API, SPIFFE
-verification of peers, the filter chain and the admin server. HTTP codecs, upstream pools,
-load balancing beyond round robin and transparent mode land later, as filters and codecs behind
-the same listener code. It must not evaluate policy itself: it calls ``authz``.
+verification of peers, the filter chain, the HTTP/1.1 codec (``http1``, registered in
+``codecs``) and the admin server. HTTP/2, upstream pools, load balancing beyond round robin and
+transparent mode land later, as filters and codecs behind the same listener code. It must not
+evaluate policy itself: it calls ``authz``.
 """
 
 from .config import ProxyConfig, load_config, parse_config

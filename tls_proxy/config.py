@@ -29,13 +29,19 @@ from authz import DEFAULT_POSTURE, Posture
 from .errors import ConfigError
 
 Protocol = Literal["tcp", "http", "auto"]
-SUPPORTED_PROTOCOLS = frozenset({"tcp"})  # http and auto land with the HTTP codec
+SUPPORTED_PROTOCOLS = frozenset({"tcp", "http"})  # auto lands with protocol detection
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:15000"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds: a TLS handshake takes milliseconds; stop slowloris
 DEFAULT_IDLE_TIMEOUT = 300.0  # seconds without a byte either way before a connection is closed
 DEFAULT_CONNECT_TIMEOUT = 5.0  # seconds to reach an upstream before failing over to the next
 DEFAULT_DRAIN_GRACE = 15.0  # seconds in-flight connections get after SIGTERM
 DEFAULT_POLL_INTERVAL = 1.0  # seconds between mtime checks of identity and policy files
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # a request head larger than this is refused (431)
+DEFAULT_MAX_HEADERS = 100  # header fields per request, as Envoy's default; more is refused (431)
+DEFAULT_HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
+DEFAULT_KEEPALIVE_TIMEOUT = 60.0  # seconds an idle keep-alive connection waits for a request
+# Identity headers only the inbound proxy may set; a client's copies are removed.
+DEFAULT_IDENTITY_HEADERS = ("x-forwarded-client-cert",)
 
 
 class _Model(BaseModel):
@@ -102,6 +108,25 @@ class TimeoutsConfig(_Model):
 
     def as_timedelta(self, name: str) -> timedelta:
         return timedelta(seconds=float(getattr(self, name)))
+
+
+class HttpConfig(_Model):
+    """Limits and rules of ``protocol: http`` listeners (docs/proxy.md, "HTTP")."""
+
+    max_header_bytes: int = Field(default=DEFAULT_MAX_HEADER_BYTES, ge=1024)
+    max_headers: int = Field(default=DEFAULT_MAX_HEADERS, ge=1)
+    header_timeout: float = Field(default=DEFAULT_HEADER_TIMEOUT, gt=0)
+    keepalive_timeout: float = Field(default=DEFAULT_KEEPALIVE_TIMEOUT, gt=0)
+    encoded_slashes: Literal["reject", "decode", "keep"] = "reject"
+    identity_headers: tuple[str, ...] = DEFAULT_IDENTITY_HEADERS
+
+    @field_validator("identity_headers")
+    @classmethod
+    def _names(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(v.lower() for v in values)
+        if "x-forwarded-client-cert" not in out:
+            raise ValueError("expected a list that includes x-forwarded-client-cert")
+        return out
 
 
 class InboundConfig(_Model):
@@ -183,6 +208,8 @@ class ProxyConfig(_Model):
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    debug: bool = False  # adds x-meshid-denied-by to 403s: names policies to the caller
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("trust_domain")

@@ -1,4 +1,4 @@
-"""L4 listeners: inbound mTLS → plain loopback app, outbound plain loopback → mTLS upstream.
+"""Listeners: inbound mTLS → plain loopback app, outbound plain loopback → mTLS upstream.
 
 Owns accepting, the TLS handshake (with a fresh context from ``TlsContexts`` per connection, so
 rotation takes effect at the next handshake), SPIFFE authentication (``spiffe_verify``), running
@@ -6,8 +6,13 @@ the connection filter chain, and splicing bytes both ways with TCP_NODELAY, back
 (``drain``), idle and handshake timeouts and half-close where the transport allows it. It also
 owns graceful drain: stop accepting, wait for in-flight connections up to a grace, then close.
 
-It must not decide policy (the ``authz`` filter asks ``authz``) nor know which filters exist:
-new filters and the HTTP codec slot in through the chain and ``protocol``, not here.
+For ``protocol: tcp`` it splices bytes (``relay.splice``); for an L7 protocol it hands the
+authenticated connection to the codec ``codecs.CODECS`` names, with a way to open the upstream
+(inbound: plain TCP to ``forward``; outbound: mTLS with ``expect_ids`` checked) and, inbound,
+the ``x-forwarded-client-cert`` value of the verified peer.
+
+It must not decide policy (the ``authz`` filter asks ``authz``) nor know which filters or
+codecs exist: new filters and codecs slot in through the chain and ``CODECS``, not here.
 
 Half-close: an EOF is passed on as a FIN where the far side is a plain socket, and the other
 direction goes on. asyncio cannot half-close a TLS stream (``can_write_eof`` is False, and a
@@ -18,25 +23,32 @@ both ways once the data before it is written.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-import socket
 import ssl
-import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from .config import SUPPORTED_PROTOCOLS, InboundConfig, OutboundConfig, TimeoutsConfig
+from .codecs import CODECS
+from .config import (
+    SUPPORTED_PROTOCOLS,
+    HttpConfig,
+    InboundConfig,
+    OutboundConfig,
+    TimeoutsConfig,
+)
 from .config import split_address as split
 from .errors import ConfigError, PeerRejected, RejectReason
 from .filters.base import Connection, FilterChain
+from .l7 import HttpSession, Upstream, xfcc_value
+from .relay import close_stream as _close
+from .relay import set_nodelay as _nodelay
+from .relay import splice
 from .spiffe_verify import verify_peer
-from .tls import TlsContexts, classify_ssl_error, peer_chain_der
+from .tls import TlsContexts, TlsState, classify_ssl_error, peer_chain_der
 
 log = logging.getLogger(__name__)
 
-CHUNK = 64 * 1024  # bytes read at a time; with drain() this bounds memory per direction
 Clock = Callable[[], datetime]
 
 
@@ -45,82 +57,8 @@ def check_protocol(name: str, protocol: str) -> None:
     if protocol not in SUPPORTED_PROTOCOLS:
         raise ConfigError(
             f"listener {name!r}: not yet supported: protocol {protocol} "
-            "(lands with the HTTP codec); use protocol: tcp"
+            "(lands with protocol detection); use protocol: tcp or http"
         )
-
-
-class _EndOfStream(Exception):
-    """One direction ended and the far side cannot be half-closed: close the connection."""
-
-
-def _nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-async def _close(writer: asyncio.StreamWriter | None) -> None:
-    if writer is None:
-        return
-    writer.close()
-    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError):
-        await asyncio.wait_for(writer.wait_closed(), 1.0)
-
-
-async def splice(
-    a_reader: asyncio.StreamReader,
-    a_writer: asyncio.StreamWriter,
-    b_reader: asyncio.StreamReader,
-    b_writer: asyncio.StreamWriter,
-    conn: Connection,
-    idle: float,
-) -> None:
-    """Relay a→b (counted as ``bytes_in``) and b→a (``bytes_out``) until both ends finish."""
-    last = [time.monotonic()]
-
-    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, inbound: bool) -> None:
-        while True:
-            try:
-                data = await asyncio.wait_for(src.read(CHUNK), idle)
-            except TimeoutError:
-                if time.monotonic() - last[0] < idle:
-                    continue  # the other direction is busy: not idle
-                conn.error = conn.error or "idle_timeout"
-                raise
-            if not data:
-                if not dst.can_write_eof():
-                    raise _EndOfStream  # TLS cannot carry a half-close: end both directions
-                with contextlib.suppress(OSError):
-                    dst.write_eof()
-                return
-            last[0] = time.monotonic()
-            if inbound:
-                conn.bytes_in += len(data)
-            else:
-                conn.bytes_out += len(data)
-            dst.write(data)
-            await dst.drain()  # backpressure: never buffer more than the peer takes
-
-    tasks = [
-        asyncio.ensure_future(pump(a_reader, b_writer, True)),
-        asyncio.ensure_future(pump(b_reader, a_writer, False)),
-    ]
-    try:
-        pending: set[asyncio.Future[None]] = set(tasks)
-        while pending:
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is not None:  # EOF toward TLS, reset, idle: end both ways
-                    for other in pending:
-                        other.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
-                    pending = set()
-                    break
-                # A half-close passed on to a plain socket: the other direction goes on.
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Listener:
@@ -136,8 +74,12 @@ class _Listener:
         chain: FilterChain,
         timeouts: TimeoutsConfig,
         clock: Clock,
+        protocol: str,
+        http: HttpConfig,
     ) -> None:
         self.name = name
+        self.protocol = protocol
+        self._http = http
         self.listen = listen
         self._tls = tls
         self._chain = chain
@@ -172,6 +114,7 @@ class _Listener:
             source_address=str(peer[0]),
             source_port=int(peer[1]),
             destination_port=self.port,
+            protocol=self.protocol,
         )
         try:
             _nodelay(writer)
@@ -219,6 +162,21 @@ class _Listener:
         conn.detail = deny.reason
         return False
 
+    def _session(
+        self,
+        conn: Connection,
+        open_upstream: Callable[[], Awaitable[Upstream | None]],
+        xfcc: bytes | None,
+    ) -> HttpSession:
+        return HttpSession(
+            conn=conn,
+            chain=self._chain,
+            settings=self._http,
+            idle=self._timeouts.idle,
+            open_upstream=open_upstream,
+            xfcc=xfcc,
+        )
+
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
@@ -252,10 +210,37 @@ class InboundListener(_Listener):
         chain: FilterChain,
         timeouts: TimeoutsConfig,
         clock: Clock = lambda: datetime.now(UTC),
+        http: HttpConfig | None = None,
     ) -> None:
         check_protocol(config.name, config.protocol)
-        super().__init__(config.name, config.listen, tls, chain, timeouts, clock)
+        super().__init__(
+            config.name,
+            config.listen,
+            tls,
+            chain,
+            timeouts,
+            clock,
+            config.protocol,
+            http or HttpConfig(),
+        )
         self.config = config
+
+    async def _open_forward(self, conn: Connection) -> Upstream | None:
+        host, port = split(self.config.forward)
+        conn.upstream = self.config.forward
+        try:
+            opened = await asyncio.wait_for(
+                asyncio.open_connection(host, port), self._timeouts.connect
+            )
+        except (OSError, TimeoutError) as err:
+            conn.error = "forward_unreachable"
+            conn.detail = str(err)
+            log.warning(
+                "local app unreachable", extra={"listener": self.name, "forward": conn.upstream}
+            )
+            return None
+        _nodelay(opened[1])
+        return opened
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
@@ -279,21 +264,17 @@ class InboundListener(_Listener):
         conn.peer_id = str(peer)
         if not self._authorize(conn):
             return
-        host, port = split(self.config.forward)
-        conn.upstream = self.config.forward
-        try:
-            up_reader, up_writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self._timeouts.connect
-            )
-        except (OSError, TimeoutError) as err:
-            conn.error = "forward_unreachable"
-            conn.detail = str(err)
-            log.warning(
-                "local app unreachable", extra={"listener": self.name, "forward": conn.upstream}
-            )
+        if self.protocol in CODECS:
+            conn.result = "allowed"
+            xfcc = xfcc_value(state.snapshot.spiffe_id, conn.peer_id)
+            session = self._session(conn, lambda: self._open_forward(conn), xfcc)
+            await CODECS[self.protocol](reader, writer, session)
             return
+        opened = await self._open_forward(conn)
+        if opened is None:
+            return
+        up_reader, up_writer = opened
         try:
-            _nodelay(up_writer)
             conn.result = "allowed"
             await splice(reader, writer, up_reader, up_writer, conn, self._timeouts.idle)
         finally:
@@ -312,9 +293,19 @@ class OutboundListener(_Listener):
         chain: FilterChain,
         timeouts: TimeoutsConfig,
         clock: Clock = lambda: datetime.now(UTC),
+        http: HttpConfig | None = None,
     ) -> None:
         check_protocol(config.name, config.protocol)
-        super().__init__(config.name, config.listen, tls, chain, timeouts, clock)
+        super().__init__(
+            config.name,
+            config.listen,
+            tls,
+            chain,
+            timeouts,
+            clock,
+            config.protocol,
+            http or HttpConfig(),
+        )
         self.config = config
         self._next = itertools.cycle(range(len(config.upstream)))
         self._expect = frozenset(config.expect_ids)
@@ -324,6 +315,27 @@ class OutboundListener(_Listener):
     ) -> None:
         state = self._tls.current()
         conn.local_id = state.snapshot.spiffe_id
+        if self.protocol in CODECS:
+            if not self._authorize(conn):
+                return
+            conn.result = "allowed"
+            session = self._session(conn, lambda: self._connect(conn, state), None)
+            await CODECS[self.protocol](reader, writer, session)
+            return
+        opened = await self._connect(conn, state)
+        if opened is None:
+            return
+        up_reader, up_writer = opened
+        try:
+            if not self._authorize(conn):
+                return
+            conn.result = "allowed"
+            await splice(reader, writer, up_reader, up_writer, conn, self._timeouts.idle)
+        finally:
+            await _close(up_writer)
+
+    async def _connect(self, conn: Connection, state: TlsState) -> Upstream | None:
+        """An mTLS connection to the next upstream whose SPIFFE ID is expected, or None."""
         start = next(self._next)  # round robin; fail over in list order from there
         upstreams = self.config.upstream
         opened: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -344,7 +356,7 @@ class OutboundListener(_Listener):
                 break
             except ssl.SSLError as err:
                 self._rejected(conn, classify_ssl_error(err), str(err))
-                return
+                return None
             except (OSError, TimeoutError) as err:
                 log.warning(
                     "upstream unreachable, trying the next",
@@ -353,25 +365,20 @@ class OutboundListener(_Listener):
         if opened is None:
             conn.error = "no_upstream"
             conn.detail = f"none of {list(upstreams)} answered"
-            return
-        up_reader, up_writer = opened
+            return None
+        up_writer = opened[1]
+        _nodelay(up_writer)
+        chain = peer_chain_der(up_writer.get_extra_info("ssl_object"))
         try:
-            _nodelay(up_writer)
-            chain = peer_chain_der(up_writer.get_extra_info("ssl_object"))
-            try:
-                peer = verify_peer(
-                    chain, state.snapshot.bundles, now=self._clock(), expect_ids=self._expect
-                )
-            except PeerRejected as err:
-                self._rejected(conn, err.reason, err.detail)
-                return
-            conn.peer_id = str(peer)
-            if not self._authorize(conn):
-                return
-            conn.result = "allowed"
-            await splice(reader, writer, up_reader, up_writer, conn, self._timeouts.idle)
-        finally:
+            peer = verify_peer(
+                chain, state.snapshot.bundles, now=self._clock(), expect_ids=self._expect
+            )
+        except PeerRejected as err:
+            self._rejected(conn, err.reason, err.detail)
             await _close(up_writer)
+            return None
+        conn.peer_id = str(peer)
+        return opened
 
 
 Listener = InboundListener | OutboundListener

@@ -191,6 +191,21 @@ class ProxyMetrics:
             "L4 authorization decisions.",
             ("listener", "decision"),
         )
+        self.http_requests = r.counter(
+            "meshid_proxy_http_requests_total",
+            "HTTP requests by how they ended (allowed, denied, rejected, error) and status.",
+            ("listener", "direction", "result", "status"),
+        )
+        self.http_rejected = r.counter(
+            "meshid_proxy_http_rejected_total",
+            "HTTP requests refused before the app (400, 408, 431) by reason.",
+            ("listener", "direction", "reason"),
+        )
+        self.http_authz = r.counter(
+            "meshid_proxy_http_authz_decisions_total",
+            "L7 authorization decisions by deciding policy and rule, or the default's reason.",
+            ("listener", "decision", "policy", "rule"),
+        )
         self.bytes = r.counter(
             "meshid_proxy_bytes_total",
             "Bytes relayed; in = from the connection's initiator, out = toward it.",

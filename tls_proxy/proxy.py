@@ -105,8 +105,14 @@ class Proxy:
         )
         timeouts = config.timeouts
         self.listeners = [
-            *(InboundListener(c, self._tls, chain, timeouts) for c in config.inbound),
-            *(OutboundListener(c, self._tls, chain, timeouts) for c in config.outbound),
+            *(
+                InboundListener(c, self._tls, chain, timeouts, http=config.http)
+                for c in config.inbound
+            ),
+            *(
+                OutboundListener(c, self._tls, chain, timeouts, http=config.http)
+                for c in config.outbound
+            ),
         ]
         for listener in self.listeners:
             await listener.start()

@@ -242,8 +242,8 @@ def test_rotation_keeps_open_connections_and_new_ones_use_the_new_svid(tmp_path:
     run(main)
 
 
-@pytest.mark.parametrize("protocol", ["http", "auto"])
-def test_http_protocols_parse_but_do_not_start_yet(tmp_path: Path, protocol: str) -> None:
+@pytest.mark.parametrize("protocol", ["auto"])
+def test_auto_protocol_parses_but_does_not_start_yet(tmp_path: Path, protocol: str) -> None:
     from tls_proxy import ConfigError, Proxy, parse_config
 
     ca = new_authority()

@@ -11,7 +11,7 @@ from typing import IO
 
 from ..config import ProxyConfig
 from ..metrics import ProxyMetrics
-from .access_log import AccessLogFilter, access_record
+from .access_log import AccessLogFilter, access_record, request_record
 from .authz import AuthzFilter, PolicyStore
 from .base import Connection, ConnectionFilter, Deny, FilterChain, RequestFilter
 from .metrics import MetricsFilter
@@ -24,12 +24,18 @@ def build_chain(
     metrics: ProxyMetrics,
     access_log_stream: IO[str] | None = None,
 ) -> FilterChain:
-    """The connection filter chain of ``config``, in order."""
-    filters: list[ConnectionFilter] = [MetricsFilter(metrics)]
+    """The filter chain of ``config``, in order (connection and request level)."""
+    metrics_filter = MetricsFilter(metrics)
+    filters: list[ConnectionFilter] = [metrics_filter]
+    requests: list[RequestFilter] = [metrics_filter]
     if config.access_log.path is not None or access_log_stream is not None:
-        filters.append(AccessLogFilter(config.access_log, access_log_stream))
-    filters.append(AuthzFilter(policies, metrics))
-    return FilterChain(filters)
+        access_log = AccessLogFilter(config.access_log, access_log_stream)
+        filters.append(access_log)
+        requests.append(access_log)
+    authz = AuthzFilter(policies, metrics, debug=config.debug)
+    filters.append(authz)
+    requests.append(authz)
+    return FilterChain(filters, requests)
 
 
 __all__ = [
@@ -44,4 +50,5 @@ __all__ = [
     "RequestFilter",
     "access_record",
     "build_chain",
+    "request_record",
 ]

@@ -1,8 +1,12 @@
-"""The ``access_log`` filter: one JSON line per connection when it closes.
+"""The ``access_log`` filter: one JSON line per connection when it closes, or, on ``http``
+listeners, one line per request when it ends (``"type": "request"``; a connection that ended
+before any request, refused at TLS for example, still gets its connection line).
 
 Fields: ``time`` (start, RFC 3339), ``listener``, ``direction``, ``peer_id``, ``local_id``,
 ``source``, ``upstream``, ``bytes_in``, ``bytes_out``, ``duration_ms``, ``result``,
 ``verdict`` with the deciding ``policy``/``rule``/``reason``, and ``error`` (a reject reason).
+Request lines add ``method``, ``host``, ``path`` (normalized), ``status`` and the verdict's
+``dry_run`` and ``audit`` results; ``bytes_in``/``bytes_out`` are then body bytes.
 Configured by the ``access_log`` block: ``path: "-"`` is stdout, ``null`` turns it off.
 """
 
@@ -13,14 +17,32 @@ import sys
 import threading
 from typing import IO, Any
 
+from authz import Verdict
+
 from ..config import AccessLogConfig
+from ..l7 import Exchange
 from .base import Connection, Deny
+
+
+def _verdict(verdict: Verdict | None, *, full: bool = False) -> dict[str, Any] | None:
+    if verdict is None:
+        return None
+    out: dict[str, Any] = {
+        "decision": verdict.decision,
+        "policy": verdict.policy,
+        "rule": verdict.rule,
+        "reason": verdict.reason,
+    }
+    if full:
+        out["dry_run"] = [r.as_dict() for r in verdict.dry_run]
+        out["audit"] = [m.as_dict() for m in verdict.audit]
+    return out
 
 
 def access_record(conn: Connection) -> dict[str, Any]:
     """The JSON-ready access-log record of ``conn``."""
-    verdict = conn.verdict
     return {
+        "type": "connection",
         "time": conn.started_at.isoformat(),
         "listener": conn.listener,
         "direction": conn.direction,
@@ -32,15 +54,32 @@ def access_record(conn: Connection) -> dict[str, Any]:
         "bytes_out": conn.bytes_out,
         "duration_ms": round(conn.duration() * 1000, 3),
         "result": conn.result,
-        "verdict": None
-        if verdict is None
-        else {
-            "decision": verdict.decision,
-            "policy": verdict.policy,
-            "rule": verdict.rule,
-            "reason": verdict.reason,
-        },
+        "verdict": _verdict(conn.verdict),
         "error": conn.error,
+    }
+
+
+def request_record(conn: Connection, exchange: Exchange) -> dict[str, Any]:
+    """The JSON-ready access-log record of one HTTP request on ``conn``."""
+    return {
+        "type": "request",
+        "time": exchange.started_at.isoformat(),
+        "listener": conn.listener,
+        "direction": conn.direction,
+        "peer_id": conn.peer_id,
+        "local_id": conn.local_id,
+        "source": conn.source,
+        "upstream": conn.upstream,
+        "method": exchange.method,
+        "host": exchange.host,
+        "path": exchange.path,
+        "status": exchange.status,
+        "bytes_in": exchange.bytes_in,
+        "bytes_out": exchange.bytes_out,
+        "duration_ms": round(exchange.duration() * 1000, 3),
+        "result": exchange.result,
+        "verdict": _verdict(exchange.verdict, full=True),
+        "error": exchange.error,
     }
 
 
@@ -60,7 +99,17 @@ class AccessLogFilter:
         return None
 
     def on_close(self, conn: Connection) -> None:
-        line = json.dumps(access_record(conn), separators=(",", ":"))
+        if conn.requests == 0:
+            self._write(access_record(conn))
+
+    async def on_request(self, conn: Connection, request: object, exchange: Exchange) -> None:
+        return None
+
+    def on_request_end(self, conn: Connection, exchange: Exchange) -> None:
+        self._write(request_record(conn, exchange))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, separators=(",", ":"))
         with self._lock:
             self._stream.write(line + "\n")
             self._stream.flush()

@@ -10,7 +10,12 @@ the verified peer ID, ``source_address`` the peer address, ``destination_port`` 
 accepted on, and ``is_l4=True``. A deny closes the connection; a new engine applies to
 connections accepted from then on (L4 authorization is decided once, at connection start).
 Outbound connections are decided by the far side's inbound proxy, so this filter passes them.
-It must not evaluate policy itself.
+
+On ``http`` listeners the decision is per request instead (``on_request``, L7): the same
+attributes plus ``method``, ``host`` (from Host), the normalized ``path`` and the lower-cased
+``headers``. A deny answers 403 ``RBAC: access denied`` (with ``x-meshid-denied-by:
+<policy>/<rule>`` when the proxy's ``debug`` flag is on); every decision is counted by deciding
+policy and rule, and dry-run and AUDIT results are logged. It must not evaluate policy itself.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from pathlib import Path
 from authz import Engine, PolicyError, Posture, Request, parse_policies, parse_policy_dict
 from authz.model import Policy
 
+from ..l7 import Exchange, LocalResponse, RequestHead, denied_response
 from ..metrics import ProxyMetrics
 from .base import Connection, Deny
 
@@ -180,13 +186,16 @@ def _json(document: bytes, name: str) -> object:
 class AuthzFilter:
     name = "authz"
 
-    def __init__(self, store: PolicyStore, metrics: ProxyMetrics | None = None) -> None:
+    def __init__(
+        self, store: PolicyStore, metrics: ProxyMetrics | None = None, *, debug: bool = False
+    ) -> None:
         self._store = store
         self._metrics = metrics
+        self._debug = debug
 
     def on_connection(self, conn: Connection) -> Deny | None:
-        if conn.direction != "inbound":
-            return None
+        if conn.direction != "inbound" or conn.protocol != "tcp":
+            return None  # outbound: the far side decides; http: decided per request (L7)
         if conn.local_id is None:
             return Deny(self.name, "no local identity to authorize against")
         verdict = self._store.engine.evaluate(
@@ -217,4 +226,57 @@ class AuthzFilter:
         return Deny(self.name, verdict.reason)
 
     def on_close(self, conn: Connection) -> None:
+        return None
+
+    async def on_request(
+        self, conn: Connection, request: RequestHead, exchange: Exchange
+    ) -> LocalResponse | None:
+        if conn.direction != "inbound":
+            return None
+        if conn.local_id is None:
+            return LocalResponse(403, b"RBAC: access denied", reason="no local identity")
+        verdict = self._store.engine.evaluate(
+            Request(
+                destination=conn.local_id,
+                source_principal=conn.peer_id,
+                source_address=conn.source_address,
+                destination_port=conn.destination_port,
+                method=request.method,
+                host=request.host,
+                path=request.path,
+                headers=request.headers,
+            )
+        )
+        exchange.verdict = verdict
+        if self._metrics is not None:
+            self._metrics.http_authz.inc(
+                listener=conn.listener,
+                decision=verdict.decision,
+                policy=verdict.policy or "none",
+                rule="none" if verdict.rule is None else str(verdict.rule),
+            )
+        fields = {
+            "listener": conn.listener,
+            "peer_id": conn.peer_id,
+            "method": request.method,
+            "path": request.path,
+            "policy": verdict.policy,
+            "rule": verdict.rule,
+            "reason": verdict.reason,
+        }
+        if verdict.dry_run or verdict.audit:
+            log.info(
+                "request dry-run and audit results",
+                extra={
+                    **fields,
+                    "dry_run": json.dumps([r.as_dict() for r in verdict.dry_run]),
+                    "audit": json.dumps([m.as_dict() for m in verdict.audit]),
+                },
+            )
+        if verdict.allowed:
+            return None
+        log.info("request denied by policy", extra=fields)
+        return denied_response(verdict, debug=self._debug)
+
+    def on_request_end(self, conn: Connection, exchange: Exchange) -> None:
         return None

@@ -3,9 +3,11 @@
 Owns ``Connection`` (per-connection state the listener fills in: peer identity, addresses,
 bytes, verdict, error), ``Deny``, the ``ConnectionFilter`` protocol (``on_connection`` after the
 peer is authenticated and before any byte is relayed; ``on_close`` once for every accepted
-connection, refused ones included), the ``RequestFilter`` protocol the HTTP codec will call per
-request, and ``FilterChain``. Filters are built once from their own frozen config block; state
-that belongs to one connection lives on the ``Connection``. It must not do socket I/O.
+connection, refused ones included), the ``RequestFilter`` protocol every HTTP codec calls per
+request (``on_request`` before the request is forwarded, ``on_request_end`` once it is over)
+with codec-independent values from ``tls_proxy.l7``, and ``FilterChain``. Filters are built
+once from their own frozen config block; state that belongs to one connection lives on the
+``Connection``. It must not do socket I/O.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from datetime import UTC, datetime
 from typing import Literal, Protocol
 
 from authz import Verdict
+
+from ..l7 import Exchange, LocalResponse, RequestHead
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class Connection:
     source_address: str
     source_port: int
     destination_port: int
+    protocol: str = "tcp"  # the listener's protocol: tcp | http
     local_id: str | None = None
     peer_id: str | None = None
     upstream: str | None = None
@@ -42,6 +47,7 @@ class Connection:
     result: str = "error"  # allowed | denied | rejected | error, set by the listener
     error: str | None = None  # a RejectReason or a short failure label
     detail: str | None = None
+    requests: int = 0  # HTTP requests seen (each one gets its own access-log line)
     started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     started: float = field(default_factory=time.monotonic)
 
@@ -76,22 +82,49 @@ class ConnectionFilter(Protocol):
 
 
 class RequestFilter(Protocol):
-    """A request-level filter (declared for the HTTP codec; no listener calls it yet).
+    """A request-level filter, called by every HTTP codec (HTTP/1.1 now, HTTP/2 later).
 
-    ``request`` and the return value will be the codec's request and response types; a
-    response returned ends the request there (a 403 from ``authz``), ``None`` passes it on.
+    ``on_request`` sees the normalized request head before it is forwarded and may record on
+    ``exchange``; a ``LocalResponse`` returned ends the request there (the 403 of ``authz``),
+    ``None`` passes it on. ``on_request_end`` runs once per request however it ended.
     """
 
     name: str
 
-    async def on_request(self, conn: Connection, request: object) -> object | None: ...
+    async def on_request(
+        self, conn: Connection, request: RequestHead, exchange: Exchange
+    ) -> LocalResponse | None: ...
+
+    def on_request_end(self, conn: Connection, exchange: Exchange) -> None: ...
 
 
 class FilterChain:
-    """Connection filters in order: the first ``Deny`` wins; ``on_close`` reaches every one."""
+    """Connection filters in order: the first ``Deny`` wins; ``on_close`` reaches every one.
+    Request filters likewise: the first ``LocalResponse`` wins; ``on_request_end`` reaches all."""
 
-    def __init__(self, filters: Sequence[ConnectionFilter]) -> None:
+    def __init__(
+        self,
+        filters: Sequence[ConnectionFilter],
+        request_filters: Sequence[RequestFilter] = (),
+    ) -> None:
         self.filters = tuple(filters)
+        self.request_filters = tuple(request_filters)
+
+    async def on_request(
+        self, conn: Connection, request: RequestHead, exchange: Exchange
+    ) -> LocalResponse | None:
+        for item in self.request_filters:
+            response = await item.on_request(conn, request, exchange)
+            if response is not None:
+                return response
+        return None
+
+    def on_request_end(self, conn: Connection, exchange: Exchange) -> None:
+        for item in self.request_filters:
+            try:
+                item.on_request_end(conn, exchange)
+            except Exception:  # an observer's bug must not break the connection
+                log.exception("filter on_request_end failed", extra={"filter": item.name})
 
     def on_connection(self, conn: Connection) -> Deny | None:
         for item in self.filters:

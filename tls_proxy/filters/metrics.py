@@ -1,7 +1,9 @@
-"""The ``metrics`` filter: counts connections, bytes, durations and failures as they close."""
+"""The ``metrics`` filter: counts connections, bytes, durations and failures as they close,
+and HTTP requests (by result and status, refusals by reason) as they end."""
 
 from __future__ import annotations
 
+from ..l7 import Exchange
 from ..metrics import ProxyMetrics
 from .base import Connection, Deny
 
@@ -24,3 +26,13 @@ class MetricsFilter:
         m.duration.observe(conn.duration(), **labels)
         if conn.result == "rejected" and conn.error is not None:
             m.tls_failures.inc(reason=conn.error, **labels)
+
+    async def on_request(self, conn: Connection, request: object, exchange: Exchange) -> None:
+        return None
+
+    def on_request_end(self, conn: Connection, exchange: Exchange) -> None:
+        labels = {"listener": conn.listener, "direction": conn.direction}
+        status = "none" if exchange.status is None else str(exchange.status)
+        self._m.http_requests.inc(result=exchange.result, status=status, **labels)
+        if exchange.result == "rejected" and exchange.error is not None:
+            self._m.http_rejected.inc(reason=exchange.error, **labels)

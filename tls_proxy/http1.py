@@ -1,0 +1,439 @@
+"""The HTTP/1.1 codec: h11 on both sides of a proxied connection, one request at a time.
+
+Owns driving two h11 state machines (``SERVER`` toward whoever connected to us, ``CLIENT``
+toward the upstream) over asyncio streams: read a request head (limits: h11's
+``max_incomplete_event_size`` for its size, ``http.max_headers`` for its field count; a header
+timeout from its first byte, a keep-alive timeout before it), refuse smuggling shapes h11
+accepts (``l7.check_raw_head``/``check_fields``), normalize the target (``path.normalize_path``)
+before the request filters see it, forward exactly that target with identity headers rewritten,
+stream bodies both ways with backpressure (chunked or Content-Length, re-framed by h11 as they
+came), relay 1xx (``100 Continue`` from the app) and, after a ``101`` (or a 2xx to CONNECT),
+hand the bytes h11 has not parsed to ``relay.splice``. Keep-alive: the downstream connection
+serves request after request; the upstream one is reused while both its sides are done, and
+reopened otherwise (one upstream connection per downstream one; pooling is future work).
+
+It must not parse HTTP itself (h11 does), decide policy (request filters do) nor know which
+listener it serves: ``HttpSession`` carries what differs between inbound and outbound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Literal
+
+import h11
+
+from .l7 import (
+    XFCC_HEADER,
+    Exchange,
+    Header,
+    HttpRejected,
+    HttpSession,
+    LocalResponse,
+    RequestHead,
+    Upstream,
+    authz_headers,
+    check_fields,
+    check_raw_head,
+    classify_h11_error,
+    forward_headers,
+    wants_close,
+    wants_upgrade,
+)
+from .path import PathError, normalize_path
+from .relay import CHUNK, close_stream, splice
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE_HEAD = 64 * 1024  # an app's response head may be larger than what we accept
+
+
+class _ClientGone(Exception):
+    """The downstream peer closed in the middle of a request."""
+
+
+class _UpstreamFailed(Exception):
+    """The upstream failed (refused, reset, closed early, or broke HTTP/1.1)."""
+
+
+async def serve(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: HttpSession
+) -> None:
+    """Serve HTTP/1.1 requests on an accepted, authenticated connection until it ends."""
+    await _Http1(reader, writer, session).run()
+
+
+class _Http1:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, session: HttpSession
+    ) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.s = session
+        self.conn = session.conn
+        self.down = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=session.settings.max_header_bytes
+        )
+        self.up: h11.Connection | None = None
+        self.upstream: Upstream | None = None
+        self.begun = False  # a byte of the current request has arrived
+
+    async def run(self) -> None:
+        try:
+            while await self._one():
+                self._next_cycle_down()
+                await self._next_cycle_up()
+        finally:
+            await self._drop_upstream()
+
+    # -- one request ---------------------------------------------------------------------
+
+    async def _one(self) -> bool:
+        """Serve one request; True when the connection may carry the next one."""
+        ex = Exchange()
+        self.begun = False
+        try:
+            request = await self._read_head(ex)
+            if request is None:
+                return False
+            return await self._handle(request, ex)
+        except HttpRejected as err:
+            ex.result, ex.error, ex.detail = "rejected", err.reason, err.detail
+            log.info(
+                "request refused",
+                extra={**self._fields(), "status": err.status, "reason": err.reason,
+                       "detail": err.detail},
+            )  # fmt: skip
+            ex.status = await self._refuse(err.status)
+            return False
+        except _UpstreamFailed as err:
+            ex.result, ex.error, ex.detail = "error", "upstream_failed", str(err)
+            log.warning("upstream failed", extra={**self._fields(), "detail": str(err)})
+            ex.status = await self._refuse(HTTPStatus.BAD_GATEWAY)
+            return False
+        except _ClientGone:
+            ex.error = ex.error or "client_closed"
+            return False
+        except (OSError, ssl.SSLError, TimeoutError) as err:
+            ex.error = ex.error or type(err).__name__
+            raise
+        finally:
+            if self.begun:
+                self.conn.requests += 1
+                self.s.chain.on_request_end(self.conn, ex)
+
+    async def _read_head(self, ex: Exchange) -> h11.Request | None:
+        """The next request head, checked; None when the peer closed or went idle."""
+        settings = self.s.settings
+        loop = asyncio.get_running_loop()
+        head = bytearray(self.down.trailing_data[0])
+        deadline: float | None = None
+        if head:
+            self._begin(ex)
+            deadline = loop.time() + settings.header_timeout
+        while True:
+            try:
+                event = self.down.next_event()
+            except h11.RemoteProtocolError as err:
+                self._begin(ex)
+                status = 431 if err.error_status_hint == 431 else 400
+                raise HttpRejected(status, classify_h11_error(str(err)), str(err)) from err
+            if isinstance(event, h11.Request):
+                check_raw_head(bytes(head))
+                check_fields(event.headers.raw_items(), settings.max_headers)
+                return event
+            if event is not h11.NEED_DATA:
+                return None  # ConnectionClosed
+            if deadline is None:
+                timeout = settings.keepalive_timeout
+            else:
+                timeout = max(0.0, deadline - loop.time())
+            try:
+                data = await asyncio.wait_for(self.reader.read(CHUNK), timeout)
+            except TimeoutError as err:
+                if deadline is None:
+                    return None  # idle keep-alive connection: close quietly (RFC 9112 §9.5)
+                raise HttpRejected(
+                    408,
+                    "header_timeout",
+                    f"no complete request head within {settings.header_timeout} s",
+                ) from err
+            if not data:
+                if self.begun:
+                    raise _ClientGone
+                return None
+            if deadline is None:
+                self._begin(ex)
+                deadline = loop.time() + settings.header_timeout
+            head += data
+            self.conn.bytes_in += len(data)
+            self.down.receive_data(data)
+
+    def _begin(self, ex: Exchange) -> None:
+        if not self.begun:
+            self.begun = True
+            ex.started, ex.started_at = time.monotonic(), datetime.now(UTC)
+
+    async def _handle(self, request: h11.Request, ex: Exchange) -> bool:
+        settings = self.s.settings
+        method = request.method.decode("ascii")
+        raw_target = request.target.decode("latin-1")
+        headers: list[Header] = list(request.headers.raw_items())
+        host = next((v.decode("latin-1") for n, v in headers if n.lower() == b"host"), None)
+        ex.method, ex.host = method, host
+        path: str | None
+        if method == "CONNECT":
+            target, path = raw_target, None  # authority-form: nothing to normalize
+        else:
+            try:
+                target = normalize_path(raw_target, encoded_slashes=settings.encoded_slashes)
+            except PathError as err:
+                ex.path = raw_target[:200]
+                raise HttpRejected(400, "invalid_path", str(err)) from err
+            path = target.partition("?")[0]
+        ex.path = path if path is not None else target
+        upgrade = wants_upgrade(headers)
+        inbound = self.s.xfcc is not None
+        forwarded = forward_headers(
+            headers,
+            upgrade=upgrade,
+            strip=[h.encode("latin-1") for h in settings.identity_headers] if inbound else (),
+            add=((XFCC_HEADER, self.s.xfcc),) if self.s.xfcc is not None else (),
+        )
+        head = RequestHead(method, target, path, host, authz_headers(forwarded))
+        answer = await self.s.chain.on_request(self.conn, head, ex)
+        if answer is not None:
+            ex.result = "denied"
+            return await self._answer(answer, ex)
+        upstream = await self._upstream()
+        if upstream is None:
+            raise _UpstreamFailed(self.conn.detail or "upstream unreachable")
+        ex.result = "allowed"
+        await self._send_up(
+            h11.Request(method=request.method, target=target.encode("ascii"), headers=forwarded)
+        )
+        return await self._relay(ex)
+
+    # -- relaying ------------------------------------------------------------------------
+
+    async def _relay(self, ex: Exchange) -> bool:
+        requests = asyncio.ensure_future(self._pump_request(ex))
+        responses = asyncio.ensure_future(self._pump_response(ex))
+        try:
+            done, _ = await asyncio.wait({requests, responses}, return_when=asyncio.FIRST_COMPLETED)
+            if requests in done and requests.exception() is not None:
+                requests.result()  # raises: a bad body or a vanished client ends it all
+            outcome = await responses
+            if outcome == "switch":
+                await requests
+                await self._tunnel()
+                return False
+            if not requests.done():
+                return False  # answered before the body was read: the rest cannot be framed
+            requests.result()
+        finally:
+            for task in (requests, responses):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(requests, responses, return_exceptions=True)
+        return self.down.our_state is h11.DONE and self.down.their_state is h11.DONE
+
+    async def _pump_request(self, ex: Exchange) -> None:
+        """Request body: downstream → upstream until its end (flow control by ``drain``)."""
+        while True:
+            try:
+                event = self.down.next_event()
+            except h11.RemoteProtocolError as err:
+                raise HttpRejected(400, classify_h11_error(str(err)), str(err)) from err
+            if event is h11.NEED_DATA:
+                data = await asyncio.wait_for(self.reader.read(CHUNK), self.s.idle)
+                if not data:
+                    raise _ClientGone
+                self.conn.bytes_in += len(data)
+                self.down.receive_data(data)
+            elif isinstance(event, h11.Data):
+                ex.bytes_in += len(event.data)
+                await self._send_up(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send_up(h11.EndOfMessage())
+                return
+            else:
+                raise _ClientGone
+
+    async def _pump_response(self, ex: Exchange) -> Literal["done", "switch"]:
+        """Response: upstream → downstream, 1xx included; ``switch`` after a protocol switch."""
+        assert self.up is not None and self.upstream is not None
+        up, (up_reader, _) = self.up, self.upstream
+        while True:
+            try:
+                event = up.next_event()
+            except h11.RemoteProtocolError as err:
+                raise _UpstreamFailed(f"invalid HTTP/1.1 from the upstream: {err}") from err
+            if event is h11.NEED_DATA:
+                try:
+                    data = await asyncio.wait_for(up_reader.read(CHUNK), self.s.idle)
+                except (OSError, ssl.SSLError) as err:
+                    raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+                up.receive_data(data)
+            elif isinstance(event, h11.InformationalResponse):
+                switching = event.status_code == 101
+                await self._send_down(
+                    h11.InformationalResponse(
+                        status_code=event.status_code,
+                        headers=forward_headers(event.headers.raw_items(), upgrade=switching),
+                        reason=event.reason,
+                    )
+                )
+                if switching:
+                    return "switch"
+            elif isinstance(event, h11.Response):
+                ex.status = event.status_code
+                raw = event.headers.raw_items()
+                headers = forward_headers(raw)
+                if self.down.their_state is not h11.DONE and (
+                    self.down.they_are_waiting_for_100_continue or wants_close(raw)
+                ):
+                    # A final answer before the body: the body will not be read, so the
+                    # connection cannot carry another request (RFC 9110 §10.1.1).
+                    headers.append((b"connection", b"close"))
+                await self._send_down(
+                    h11.Response(
+                        status_code=event.status_code, headers=headers, reason=event.reason
+                    )
+                )
+                if self.down.our_state is h11.SWITCHED_PROTOCOL:
+                    return "switch"  # a 2xx to CONNECT
+            elif isinstance(event, h11.Data):
+                ex.bytes_out += len(event.data)
+                await self._send_down(h11.Data(data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                await self._send_down(h11.EndOfMessage())
+                return "done"
+            else:
+                raise _UpstreamFailed("the upstream closed before the response ended")
+
+    async def _tunnel(self) -> None:
+        """After a switch: hand over what h11 buffered, then relay opaque bytes both ways."""
+        assert self.up is not None and self.upstream is not None
+        up_reader, up_writer = self.upstream
+        rest_down, rest_up = self.down.trailing_data[0], self.up.trailing_data[0]
+        if rest_down:
+            up_writer.write(rest_down)
+        if rest_up:
+            self.writer.write(rest_up)
+            self.conn.bytes_out += len(rest_up)
+        await splice(self.reader, self.writer, up_reader, up_writer, self.conn, self.s.idle)
+
+    # -- answers made here ----------------------------------------------------------------
+
+    async def _answer(self, answer: LocalResponse, ex: Exchange) -> bool:
+        """Send a filter's answer; keep the connection only if the request body was read."""
+        self._discard_buffered_body()
+        close = self.down.their_state is not h11.DONE
+        ex.status = answer.status
+        headers: list[Header] = [
+            (b"content-type", b"text/plain"),
+            (b"content-length", str(len(answer.body)).encode()),
+            *answer.headers,
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        await self._send_down(h11.Response(status_code=answer.status, headers=headers))
+        await self._send_down(h11.Data(data=answer.body))
+        await self._send_down(h11.EndOfMessage())
+        return not close and self.down.our_state is h11.DONE
+
+    def _discard_buffered_body(self) -> None:
+        """Consume the request body h11 already holds, without waiting for more."""
+        with contextlib.suppress(h11.RemoteProtocolError):
+            while self.down.their_state is h11.SEND_BODY:
+                event = self.down.next_event()
+                if event is h11.NEED_DATA or not isinstance(event, h11.Data):
+                    return
+
+    async def _refuse(self, status: int) -> int | None:
+        """A terse error answer and ``Connection: close``, unless a response has begun."""
+        if self.down.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return None
+        body = HTTPStatus(status).phrase.encode()
+        fresh = h11.Connection(h11.SERVER)  # ours may be in ERROR: render with a clean one
+        out = b"".join(
+            fresh.send(event) or b""
+            for event in (
+                h11.Response(
+                    status_code=status,
+                    headers=[
+                        (b"content-type", b"text/plain"),
+                        (b"content-length", str(len(body)).encode()),
+                        (b"connection", b"close"),
+                    ],
+                ),
+                h11.Data(data=body),
+                h11.EndOfMessage(),
+            )
+        )
+        with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
+            self.writer.write(out)
+            self.conn.bytes_out += len(out)
+            await asyncio.wait_for(self.writer.drain(), self.s.idle)
+        return status
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _send_down(self, event: h11.Event) -> None:
+        data = self.down.send(event)
+        if data:
+            self.writer.write(data)
+            self.conn.bytes_out += len(data)
+            await asyncio.wait_for(self.writer.drain(), self.s.idle)
+
+    async def _send_up(self, event: h11.Event) -> None:
+        assert self.up is not None and self.upstream is not None
+        data = self.up.send(event)
+        if data:
+            writer = self.upstream[1]
+            try:
+                writer.write(data)
+                await asyncio.wait_for(writer.drain(), self.s.idle)
+            except (OSError, ssl.SSLError) as err:
+                raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+
+    async def _upstream(self) -> Upstream | None:
+        if self.upstream is None:
+            self.upstream = await self.s.open_upstream()
+            if self.upstream is None:
+                return None
+            self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        return self.upstream
+
+    def _next_cycle_down(self) -> None:
+        self.down.start_next_cycle()
+
+    async def _next_cycle_up(self) -> None:
+        up = self.up
+        if up is None:
+            return
+        if up.our_state is h11.DONE and up.their_state is h11.DONE:
+            up.start_next_cycle()
+        else:
+            await self._drop_upstream()  # the app closes or broke off: reopen on next use
+
+    async def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            await close_stream(self.upstream[1])
+        self.upstream = None
+        self.up = None
+
+    def _fields(self) -> dict[str, object]:
+        return {
+            "listener": self.conn.listener,
+            "direction": self.conn.direction,
+            "source": self.conn.source,
+            "peer_id": self.conn.peer_id,
+        }

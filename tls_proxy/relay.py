@@ -1,0 +1,92 @@
+"""Moving bytes between two streams: the opaque splice both L4 and upgraded L7 connections use.
+
+Owns ``splice`` (both directions, backpressure with ``drain``, idle timeout, half-close where
+the far side is a plain socket), ``close_stream`` and ``set_nodelay``. It must not parse or
+decide anything: it relays what it is given and counts bytes on the ``Connection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import time
+
+from .filters.base import Connection
+
+CHUNK = 64 * 1024  # bytes read at a time; with drain() this bounds memory per direction
+
+
+class _EndOfStream(Exception):
+    """One direction ended and the far side cannot be half-closed: close the connection."""
+
+
+def set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def close_stream(writer: asyncio.StreamWriter | None) -> None:
+    if writer is None:
+        return
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, asyncio.TimeoutError):
+        await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+
+async def splice(
+    a_reader: asyncio.StreamReader,
+    a_writer: asyncio.StreamWriter,
+    b_reader: asyncio.StreamReader,
+    b_writer: asyncio.StreamWriter,
+    conn: Connection,
+    idle: float,
+) -> None:
+    """Relay a→b (counted as ``bytes_in``) and b→a (``bytes_out``) until both ends finish."""
+    last = [time.monotonic()]
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, inbound: bool) -> None:
+        while True:
+            try:
+                data = await asyncio.wait_for(src.read(CHUNK), idle)
+            except TimeoutError:
+                if time.monotonic() - last[0] < idle:
+                    continue  # the other direction is busy: not idle
+                conn.error = conn.error or "idle_timeout"
+                raise
+            if not data:
+                if not dst.can_write_eof():
+                    raise _EndOfStream  # TLS cannot carry a half-close: end both directions
+                with contextlib.suppress(OSError):
+                    dst.write_eof()
+                return
+            last[0] = time.monotonic()
+            if inbound:
+                conn.bytes_in += len(data)
+            else:
+                conn.bytes_out += len(data)
+            dst.write(data)
+            await dst.drain()  # backpressure: never buffer more than the peer takes
+
+    tasks = [
+        asyncio.ensure_future(pump(a_reader, b_writer, True)),
+        asyncio.ensure_future(pump(b_reader, a_writer, False)),
+    ]
+    try:
+        pending: set[asyncio.Future[None]] = set(tasks)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task.exception() is not None:  # EOF toward TLS, reset, idle: end both ways
+                    for other in pending:
+                        other.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    pending = set()
+                    break
+                # A half-close passed on to a plain socket: the other direction goes on.
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
