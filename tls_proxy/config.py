@@ -29,7 +29,7 @@ from authz import DEFAULT_POSTURE, Posture
 from .errors import ConfigError
 
 Protocol = Literal["tcp", "http", "auto"]
-SUPPORTED_PROTOCOLS = frozenset({"tcp", "http"})  # auto lands with protocol detection
+SUPPORTED_PROTOCOLS = frozenset({"tcp", "http", "auto"})
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:15000"
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0  # seconds: a TLS handshake takes milliseconds; stop slowloris
 DEFAULT_IDLE_TIMEOUT = 300.0  # seconds without a byte either way before a connection is closed

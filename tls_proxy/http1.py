@@ -83,6 +83,9 @@ class _Http1:
         self.up: h11.Connection | None = None
         self.upstream: Upstream | None = None
         self.begun = False  # a byte of the current request has arrived
+        if session.prefix:  # read by protocol detection: the start of the first request
+            self.conn.bytes_in += len(session.prefix)
+            self.down.receive_data(session.prefix)
 
     async def run(self) -> None:
         try:
@@ -406,7 +409,7 @@ class _Http1:
 
     async def _upstream(self) -> Upstream | None:
         if self.upstream is None:
-            self.upstream = await self.s.open_upstream()
+            self.upstream = await self.s.open_upstream("http/1.1")
             if self.upstream is None:
                 return None
             self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)

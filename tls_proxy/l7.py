@@ -1,4 +1,4 @@
-"""Protocol-independent L7 values and rules, shared by every HTTP codec (``http1``; h2 later).
+"""Protocol-independent L7 values and rules, shared by every HTTP codec (``http1``, ``http2``).
 
 Owns what a request-level filter sees (``RequestHead``) and may answer (``LocalResponse``), the
 per-request record (``Exchange``) the access log and metrics read, the hardening checks that
@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from authz import Verdict
 
@@ -97,6 +97,7 @@ class Exchange:
 
 
 Upstream = tuple["asyncio.StreamReader", "asyncio.StreamWriter"]
+UpstreamProtocol = Literal["http/1.1", "h2"]  # what the codec will speak on it (the ALPN offer)
 
 
 @dataclass(frozen=True)
@@ -107,8 +108,11 @@ class HttpSession:
     chain: FilterChain
     settings: HttpConfig
     idle: float  # seconds without a byte while a message is in flight
-    open_upstream: Callable[[], Awaitable[Upstream | None]]  # None: unreachable, logged
+    # None: unreachable (or, over mTLS, the far side did not accept that protocol), logged
+    open_upstream: Callable[[UpstreamProtocol], Awaitable[Upstream | None]]
     xfcc: bytes | None  # inbound: the x-forwarded-client-cert value to set; outbound: None
+    prefix: bytes = b""  # bytes the listener read to detect the protocol, not yet consumed
+    draining: asyncio.Event | None = None  # set when the listener drains: stop taking requests
 
 
 class Codec(Protocol):

@@ -6,10 +6,12 @@ the connection filter chain, and splicing bytes both ways with TCP_NODELAY, back
 (``drain``), idle and handshake timeouts and half-close where the transport allows it. It also
 owns graceful drain: stop accepting, wait for in-flight connections up to a grace, then close.
 
-For ``protocol: tcp`` it splices bytes (``relay.splice``); for an L7 protocol it hands the
-authenticated connection to the codec ``codecs.CODECS`` names, with a way to open the upstream
-(inbound: plain TCP to ``forward``; outbound: mTLS with ``expect_ids`` checked) and, inbound,
-the ``x-forwarded-client-cert`` value of the verified peer.
+It detects the wire protocol (``tcp``: none; ``http``: ALPN ``h2`` after TLS, else the h2
+client preface or HTTP/1.1; ``auto``: the same, or opaque TCP, from the first bytes within
+``DETECT_TIMEOUT``; ``detect.sniff`` decides). TCP is spliced (``relay.splice``); HTTP/1.1 and
+HTTP/2 are handed, authenticated, to the codec ``codecs.CODECS`` names, with a way to open
+the upstream (inbound: plain TCP to ``forward``; outbound: mTLS with ``expect_ids`` checked)
+and, inbound, the ``x-forwarded-client-cert`` value of the verified peer.
 
 It must not decide policy (the ``authz`` filter asks ``authz``) nor know which filters or
 codecs exist: new filters and codecs slot in through the chain and ``CODECS``, not here.
@@ -38,16 +40,20 @@ from .config import (
     TimeoutsConfig,
 )
 from .config import split_address as split
+from .detect import Detected, sniff
 from .errors import ConfigError, PeerRejected, RejectReason
 from .filters.base import Connection, FilterChain
-from .l7 import HttpSession, Upstream, xfcc_value
+from .l7 import HttpSession, Upstream, UpstreamProtocol, xfcc_value
+from .relay import CHUNK as CHUNK_DETECT
 from .relay import close_stream as _close
 from .relay import set_nodelay as _nodelay
 from .relay import splice
 from .spiffe_verify import verify_peer
-from .tls import TlsContexts, TlsState, classify_ssl_error, peer_chain_der
+from .tls import ALPN_H2, TlsContexts, TlsState, classify_ssl_error, peer_chain_der
 
 log = logging.getLogger(__name__)
+
+DETECT_TIMEOUT = 1.0  # seconds `auto` waits for a client's first bytes before assuming TCP
 
 Clock = Callable[[], datetime]
 
@@ -88,6 +94,7 @@ class _Listener:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
+        self._drain_event = asyncio.Event()  # tells L7 codecs to send GOAWAY / stop
         self.port = 0
 
     @property
@@ -165,8 +172,9 @@ class _Listener:
     def _session(
         self,
         conn: Connection,
-        open_upstream: Callable[[], Awaitable[Upstream | None]],
+        open_upstream: Callable[[UpstreamProtocol], Awaitable[Upstream | None]],
         xfcc: bytes | None,
+        prefix: bytes,
     ) -> HttpSession:
         return HttpSession(
             conn=conn,
@@ -175,7 +183,51 @@ class _Listener:
             idle=self._timeouts.idle,
             open_upstream=open_upstream,
             xfcc=xfcc,
+            prefix=prefix,
+            draining=self._drain_event,
         )
+
+    async def _detect(
+        self, reader: asyncio.StreamReader, alpn: str | None
+    ) -> tuple[Detected, bytes] | None:
+        """The wire protocol and the bytes read to find it; None if the client left or idled.
+
+        ``tcp`` reads nothing. After TLS, ALPN ``h2`` decides. Otherwise the first bytes do
+        (``detect.sniff``): on ``http`` the h2 preface or else HTTP/1.1, waiting as long as an
+        idle keep-alive connection may; on ``auto`` also TCP, waiting ``DETECT_TIMEOUT``.
+        """
+        if self.protocol == "tcp":
+            return "tcp", b""
+        if alpn == ALPN_H2:
+            return "h2", b""
+        http_only = self.protocol == "http"
+        loop = asyncio.get_running_loop()
+        budget = self._http.keepalive_timeout if http_only else DETECT_TIMEOUT
+        deadline = loop.time() + budget
+        data = b""
+        while (verdict := sniff(data, final=False, http_only=http_only)) is None:
+            try:
+                chunk = await asyncio.wait_for(
+                    reader.read(CHUNK_DETECT), max(0.0, deadline - loop.time())
+                )
+            except TimeoutError:
+                if not data and http_only:
+                    return None  # an idle connection: close quietly, as HTTP/1.1 does
+                chunk = b""
+            if not chunk:
+                if not data and (http_only or reader.at_eof()):
+                    return None
+                verdict = sniff(data, final=True, http_only=http_only)
+                assert verdict is not None
+                break
+            if not data and http_only:
+                deadline = loop.time() + self._http.header_timeout
+            data += chunk
+        return verdict, data
+
+    def _l7(self, conn: Connection, detected: Detected) -> None:
+        """Record the detected protocol where filters read it (L4 authz skips L7 ones)."""
+        conn.protocol = "tcp" if detected == "tcp" else "http"
 
     def stop_accepting(self) -> None:
         if self._server is not None:
@@ -186,6 +238,7 @@ class _Listener:
         the rest; returns how many had to be cancelled."""
         self.stop_accepting()
         self._draining = True
+        self._drain_event.set()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         left = set(self._tasks)
@@ -225,7 +278,10 @@ class InboundListener(_Listener):
         )
         self.config = config
 
-    async def _open_forward(self, conn: Connection) -> Upstream | None:
+    async def _open_forward(
+        self, conn: Connection, protocol: UpstreamProtocol | None = None
+    ) -> Upstream | None:
+        """A plain connection to the local app (``protocol``: h2 is h2c with prior knowledge)."""
         host, port = split(self.config.forward)
         conn.upstream = self.config.forward
         try:
@@ -262,13 +318,22 @@ class InboundListener(_Listener):
             self._rejected(conn, err.reason, err.detail)
             return
         conn.peer_id = str(peer)
+        ssl_object = writer.get_extra_info("ssl_object")
+        alpn = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
+        detected = await self._detect(reader, alpn)
+        if detected is None:
+            conn.result = "allowed" if self.protocol == "http" else conn.result
+            conn.error = conn.error or "no_request"
+            return
+        kind, prefix = detected
+        self._l7(conn, kind)
         if not self._authorize(conn):
             return
-        if self.protocol in CODECS:
+        if kind in CODECS:
             conn.result = "allowed"
             xfcc = xfcc_value(state.snapshot.spiffe_id, conn.peer_id)
-            session = self._session(conn, lambda: self._open_forward(conn), xfcc)
-            await CODECS[self.protocol](reader, writer, session)
+            session = self._session(conn, lambda p: self._open_forward(conn, p), xfcc, prefix)
+            await CODECS[kind](reader, writer, session)
             return
         opened = await self._open_forward(conn)
         if opened is None:
@@ -276,6 +341,9 @@ class InboundListener(_Listener):
         up_reader, up_writer = opened
         try:
             conn.result = "allowed"
+            if prefix:
+                up_writer.write(prefix)
+                conn.bytes_in += len(prefix)
             await splice(reader, writer, up_reader, up_writer, conn, self._timeouts.idle)
         finally:
             await _close(up_writer)
@@ -315,14 +383,21 @@ class OutboundListener(_Listener):
     ) -> None:
         state = self._tls.current()
         conn.local_id = state.snapshot.spiffe_id
-        if self.protocol in CODECS:
+        detected = await self._detect(reader, None)
+        if detected is None:
+            conn.result = "allowed" if self.protocol == "http" else conn.result
+            conn.error = conn.error or "no_request"
+            return
+        kind, prefix = detected
+        self._l7(conn, kind)
+        if kind in CODECS:
             if not self._authorize(conn):
                 return
             conn.result = "allowed"
-            session = self._session(conn, lambda: self._connect(conn, state), None)
-            await CODECS[self.protocol](reader, writer, session)
+            session = self._session(conn, lambda p: self._connect(conn, state, p), None, prefix)
+            await CODECS[kind](reader, writer, session)
             return
-        opened = await self._connect(conn, state)
+        opened = await self._connect(conn, state, None)
         if opened is None:
             return
         up_reader, up_writer = opened
@@ -330,12 +405,18 @@ class OutboundListener(_Listener):
             if not self._authorize(conn):
                 return
             conn.result = "allowed"
+            if prefix:
+                up_writer.write(prefix)
+                conn.bytes_in += len(prefix)
             await splice(reader, writer, up_reader, up_writer, conn, self._timeouts.idle)
         finally:
             await _close(up_writer)
 
-    async def _connect(self, conn: Connection, state: TlsState) -> Upstream | None:
-        """An mTLS connection to the next upstream whose SPIFFE ID is expected, or None."""
+    async def _connect(
+        self, conn: Connection, state: TlsState, protocol: UpstreamProtocol | None
+    ) -> Upstream | None:
+        """An mTLS connection to the next upstream whose SPIFFE ID is expected, offering
+        ``protocol`` by ALPN (h2 must be accepted: the codec cannot fall back), or None."""
         start = next(self._next)  # round robin; fail over in list order from there
         upstreams = self.config.upstream
         opened: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
@@ -348,7 +429,7 @@ class OutboundListener(_Listener):
                     asyncio.open_connection(
                         host,
                         port,
-                        ssl=state.client,
+                        ssl=state.client_for(protocol),
                         ssl_handshake_timeout=self._timeouts.handshake,
                     ),
                     self._timeouts.connect + self._timeouts.handshake,
@@ -378,6 +459,17 @@ class OutboundListener(_Listener):
             await _close(up_writer)
             return None
         conn.peer_id = str(peer)
+        if protocol == ALPN_H2:
+            selected = up_writer.get_extra_info("ssl_object").selected_alpn_protocol()
+            if selected != ALPN_H2:
+                conn.error = "alpn_mismatch"
+                conn.detail = f"{conn.upstream} did not accept h2 by ALPN (selected {selected})"
+                log.warning(
+                    "upstream does not speak h2",
+                    extra={"listener": self.name, "upstream": conn.upstream},
+                )
+                await _close(up_writer)
+                return None
         return opened
 
 

@@ -1,13 +1,14 @@
 """TLS contexts from the current identity, the peer's chain after a handshake, failure reasons.
 
-Owns ``TlsContexts``: a server and a client ``SSLContext`` built from one ``IdentitySnapshot``
-and rebuilt whenever the identity source reports a change, so the next handshake presents the
-new SVID and trusts the new bundles while open connections carry on with the context they
-started with. Python's ``ssl`` cannot verify against per-trust-domain bundles during the
-handshake, so the contexts demand a certificate (``CERT_REQUIRED``) and trust every current
-anchor (ours and federated); SPIFFE authentication proper happens right after the handshake in
-``spiffe_verify.verify_peer`` over the chain the peer sent (see docs/proxy.md, "SPIFFE
-verification"). Hostname checks are off: SPIFFE IDs, not DNS names, identify peers.
+Owns ``TlsContexts``: a server ``SSLContext`` (ALPN ``h2``, ``http/1.1``) and client ones (no
+ALPN for TCP, ``http/1.1`` or ``h2``: each offers only what it will speak) built from one
+``IdentitySnapshot`` and rebuilt whenever the identity source reports a change, so the next
+handshake presents the new SVID and trusts the new bundles while open connections carry on with
+the context they started with. Python's ``ssl`` cannot verify against per-trust-domain bundles
+during the handshake, so the contexts demand a certificate (``CERT_REQUIRED``) and trust every
+current anchor (ours and federated); SPIFFE authentication proper happens right after the
+handshake in ``spiffe_verify.verify_peer`` over the chain the peer sent (see docs/proxy.md,
+"SPIFFE verification"). Hostname checks are off: SPIFFE IDs, not DNS names, identify peers.
 
 It must not decide authorization nor touch sockets beyond reading the handshake's results.
 """
@@ -33,6 +34,11 @@ from .identity import IdentitySnapshot, IdentitySource
 log = logging.getLogger(__name__)
 
 MINIMUM_TLS = ssl.TLSVersion.TLSv1_2  # issue 4: TLS 1.2 minimum; 1.3 is negotiated when both can
+ALPN_H2 = "h2"  # RFC 9113 §3.2
+ALPN_HTTP1 = "http/1.1"
+# The server accepts both; a client offers only what it will speak on that connection, so an
+# HTTP/1.1 app is never switched to h2 by the far side (RFC 7301 §3.2: the server picks).
+SERVER_ALPN = (ALPN_H2, ALPN_HTTP1)
 
 # OpenSSL X509_V_ERR_* codes seen in SSLCertVerificationError.verify_code.
 _EXPIRED_CODES = frozenset({9, 10})  # CERT_NOT_YET_VALID, CERT_HAS_EXPIRED
@@ -52,8 +58,18 @@ class TlsState:
     """Contexts and the snapshot they were built from: taken together for one connection."""
 
     snapshot: IdentitySnapshot
-    server: ssl.SSLContext
-    client: ssl.SSLContext
+    server: ssl.SSLContext  # ALPN: h2, http/1.1 (server's order wins)
+    client: ssl.SSLContext  # no ALPN: opaque TCP
+    client_http1: ssl.SSLContext  # ALPN offers http/1.1 only
+    client_h2: ssl.SSLContext  # ALPN offers h2 only: used when the app spoke h2c
+
+    def client_for(self, alpn: str | None) -> ssl.SSLContext:
+        """The client context offering exactly ``alpn`` (None: no ALPN)."""
+        if alpn == ALPN_H2:
+            return self.client_h2
+        if alpn == ALPN_HTTP1:
+            return self.client_http1
+        return self.client
 
 
 @contextlib.contextmanager
@@ -78,14 +94,17 @@ def _private_files(snapshot: IdentitySnapshot) -> Iterator[tuple[str, str]]:
 
 
 def build_contexts(snapshot: IdentitySnapshot) -> TlsState:
-    """A server and a client context presenting ``snapshot``'s SVID and trusting its bundles."""
+    """A server context and client contexts (one per ALPN offer) presenting ``snapshot``'s SVID
+    and trusting its bundles."""
     anchors = "".join(
         root.public_bytes(serialization.Encoding.PEM).decode()
         for roots in snapshot.bundles.values()
         for root in roots
     )
     contexts = []
-    for purpose in (ssl.PROTOCOL_TLS_SERVER, ssl.PROTOCOL_TLS_CLIENT):
+    purposes = (ssl.PROTOCOL_TLS_SERVER, *[ssl.PROTOCOL_TLS_CLIENT] * 3)
+    alpns: tuple[tuple[str, ...], ...] = (SERVER_ALPN, (), (ALPN_HTTP1,), (ALPN_H2,))
+    for purpose, alpn in zip(purposes, alpns, strict=True):
         context = ssl.SSLContext(purpose)
         context.minimum_version = MINIMUM_TLS
         context.check_hostname = False  # SPIFFE authentication replaces hostname checks
@@ -96,8 +115,10 @@ def build_contexts(snapshot: IdentitySnapshot) -> TlsState:
             context.load_verify_locations(cadata=anchors)
         except (ssl.SSLError, OSError) as err:
             raise IdentityError(f"identity: cannot load the SVID into TLS: {err}") from err
+        if alpn:
+            context.set_alpn_protocols(list(alpn))
         contexts.append(context)
-    return TlsState(snapshot, contexts[0], contexts[1])
+    return TlsState(snapshot, *contexts)
 
 
 class TlsContexts:

@@ -10,8 +10,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from ._harness import (
     client_context,
     echo_app,
@@ -240,15 +238,3 @@ def test_rotation_keeps_open_connections_and_new_ones_use_the_new_svid(tmp_path:
                     assert inbound.proxy.metrics.rotations.value() == 1
 
     run(main)
-
-
-@pytest.mark.parametrize("protocol", ["auto"])
-def test_auto_protocol_parses_but_does_not_start_yet(tmp_path: Path, protocol: str) -> None:
-    from tls_proxy import ConfigError, Proxy, parse_config
-
-    ca = new_authority()
-    web, _ = _configs(tmp_path, ca, 9)
-    web["inbound"][0]["protocol"] = protocol
-    config = parse_config(web, "test.yaml", tmp_path)
-    with pytest.raises(ConfigError, match=f"not yet supported: protocol {protocol}"):
-        Proxy(config)
