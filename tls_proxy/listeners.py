@@ -49,7 +49,7 @@ from .relay import close_stream as _close
 from .relay import set_nodelay as _nodelay
 from .relay import splice
 from .spiffe_verify import verify_peer
-from .tls import ALPN_H2, TlsContexts, TlsState, classify_ssl_error, peer_chain_der
+from .tls import ALPN_H2, TlsContexts, classify_ssl_error, peer_chain_der
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +381,7 @@ class OutboundListener(_Listener):
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
     ) -> None:
-        state = self._tls.current()
-        conn.local_id = state.snapshot.spiffe_id
+        conn.local_id = self._tls.current().snapshot.spiffe_id
         detected = await self._detect(reader, None)
         if detected is None:
             conn.result = "allowed" if self.protocol == "http" else conn.result
@@ -394,10 +393,10 @@ class OutboundListener(_Listener):
             if not self._authorize(conn):
                 return
             conn.result = "allowed"
-            session = self._session(conn, lambda p: self._connect(conn, state, p), None, prefix)
+            session = self._session(conn, lambda p: self._connect(conn, p), None, prefix)
             await CODECS[kind](reader, writer, session)
             return
-        opened = await self._connect(conn, state, None)
+        opened = await self._connect(conn, None)
         if opened is None:
             return
         up_reader, up_writer = opened
@@ -413,10 +412,15 @@ class OutboundListener(_Listener):
             await _close(up_writer)
 
     async def _connect(
-        self, conn: Connection, state: TlsState, protocol: UpstreamProtocol | None
+        self, conn: Connection, protocol: UpstreamProtocol | None
     ) -> Upstream | None:
         """An mTLS connection to the next upstream whose SPIFFE ID is expected, offering
-        ``protocol`` by ALPN (h2 must be accepted: the codec cannot fall back), or None."""
+        ``protocol`` by ALPN (h2 must be accepted: the codec cannot fall back), or None.
+
+        The TLS state is read now, not when the downstream connection arrived: an HTTP
+        upstream opens lazily (first request, keep-alive reconnects), maybe after a rotation.
+        """
+        state = self._tls.current()
         start = next(self._next)  # round robin; fail over in list order from there
         upstreams = self.config.upstream
         opened: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None

@@ -48,13 +48,20 @@ class _Component:
     def _args(self) -> list[str]:
         raise NotImplementedError
 
+    def _group(self) -> int | None:
+        """The gid to run as (None: ours); workload attestation reports it as ``unix:gid``."""
+        return None
+
     def _launch(self, *, wait_ready: bool = True) -> None:
+        gid = self._group()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "meshid", *self._args()],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            group=gid,
+            extra_groups=None if gid is None else [],
         )
         ready = threading.Event()
 
@@ -163,4 +170,37 @@ class AgentProcess(_Component):
 
     def start(self, *, wait_ready: bool = True) -> AgentProcess:
         self._launch(wait_ready=wait_ready)
+        return self
+
+
+@dataclass
+class ProxyProcess(_Component):
+    """``meshid proxy run`` in a subprocess, awaited with ``meshid proxy wait`` on /ready.
+
+    ``group`` runs it under another gid (the caller must be root), so that the agent's unix
+    workload attestor tells two sidecars of one uid apart (entries on ``unix:gid:N``).
+    """
+
+    config: Path
+    admin: str
+    group: int | None = None
+    proc: subprocess.Popen[str] | None = None
+    output: list[str] = field(default_factory=list)
+    _pump: threading.Thread = field(init=False, repr=False)
+    ready_line = "\0never printed\0"  # readiness is /ready, not a line
+
+    def _args(self) -> list[str]:
+        return ["proxy", "run", "--config", str(self.config)]
+
+    def _group(self) -> int | None:
+        return self.group
+
+    def start(self) -> ProxyProcess:
+        self._launch(wait_ready=False)
+        waited = meshid("proxy", "wait", "--admin", self.admin, "--timeout", str(READY_TIMEOUT))
+        if waited.returncode != 0 or self.proc is None or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError(
+                f"proxy {self.config} did not become ready: {waited.stderr}" + "".join(self.output)
+            )
         return self
