@@ -44,18 +44,17 @@ async def splice(
     conn: Connection,
     idle: float,
 ) -> None:
-    """Relay a→b (counted as ``bytes_in``) and b→a (``bytes_out``) until both ends finish."""
+    """Relay a→b (counted as ``bytes_in``) and b→a (``bytes_out``) until both ends finish.
+
+    One watchdog per connection enforces ``idle`` (no byte either way for that long), rather
+    than a timeout around every read: ``asyncio.wait_for`` costs a task and a timer per call,
+    which was the relay's largest Python-level cost under load.
+    """
     last = [time.monotonic()]
 
     async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, inbound: bool) -> None:
         while True:
-            try:
-                data = await asyncio.wait_for(src.read(CHUNK), idle)
-            except TimeoutError:
-                if time.monotonic() - last[0] < idle:
-                    continue  # the other direction is busy: not idle
-                conn.error = conn.error or "idle_timeout"
-                raise
+            data = await src.read(CHUNK)
             if not data:
                 if not dst.can_write_eof():
                     raise _EndOfStream  # TLS cannot carry a half-close: end both directions
@@ -70,23 +69,28 @@ async def splice(
             dst.write(data)
             await dst.drain()  # backpressure: never buffer more than the peer takes
 
-    tasks = [
+    async def watchdog() -> None:
+        while True:
+            remaining = last[0] + idle - time.monotonic()
+            if remaining <= 0:
+                conn.error = conn.error or "idle_timeout"
+                raise TimeoutError
+            await asyncio.sleep(remaining)
+
+    pumps = {
         asyncio.ensure_future(pump(a_reader, b_writer, True)),
         asyncio.ensure_future(pump(b_reader, a_writer, False)),
-    ]
+    }
+    dog = asyncio.ensure_future(watchdog())
+    everything: set[asyncio.Future[None]] = {*pumps, dog}
     try:
-        pending: set[asyncio.Future[None]] = set(tasks)
-        while pending:
+        pending = set(everything)
+        while pending & pumps:
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                if task.exception() is not None:  # EOF toward TLS, reset, idle: end both ways
-                    for other in pending:
-                        other.cancel()
-                    await asyncio.gather(*pending, return_exceptions=True)
-                    pending = set()
-                    break
-                # A half-close passed on to a plain socket: the other direction goes on.
+            if dog in done or any(t.exception() is not None for t in done):
+                break  # EOF toward TLS, reset, idle: end both directions
+            # A half-close passed on to a plain socket: the other direction goes on.
     finally:
-        for task in tasks:
+        for task in everything:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*everything, return_exceptions=True)

@@ -238,3 +238,30 @@ def test_rotation_keeps_open_connections_and_new_ones_use_the_new_svid(tmp_path:
                     assert inbound.proxy.metrics.rotations.value() == 1
 
     run(main)
+
+
+def test_an_idle_l4_connection_is_closed_and_a_busy_one_is_not(tmp_path: Path) -> None:
+    ca = new_authority()
+
+    async def main() -> None:
+        async with echo_app() as echo:
+            web, _ = _configs(tmp_path, ca, echo.port)
+            web["timeouts"] = {**web.get("timeouts", {}), "idle": 0.5}
+            async with running(web, tmp_path) as inbound:
+                client = _client_config(tmp_path, ca, inbound.port("web"), WEB)
+                async with running(client, tmp_path) as outbound:
+                    reader, writer = await asyncio.open_connection(
+                        "127.0.0.1", outbound.port("to-web")
+                    )
+                    for _ in range(4):  # traffic every 0.2 s keeps it alive past the 0.5 s limit
+                        writer.write(b"ping")
+                        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"ping"
+                        await asyncio.sleep(0.2)
+                    # Now silent: the inbound closes it after 0.5 s and the client sees EOF.
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                    writer.close()
+                await asyncio.sleep(0.2)  # let the inbound write its access-log line
+                closed = [r for r in inbound.records() if r["listener"] == "web"]
+                assert closed and closed[-1]["error"] == "idle_timeout"
+
+    run(main)
