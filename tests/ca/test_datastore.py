@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -45,12 +46,7 @@ def test_entry_roundtrip_and_revisions(store: Datastore) -> None:
     with store.write() as tx:
         created = tx.create_entry(_entry(), NOW)
     with store.write() as tx:
-        updated = tx.update_entry(
-            _entry(selectors=("unix:uid:1001",)).__class__(
-                **{**_entry(selectors=("unix:uid:1001",)).__dict__, "id": created.id}
-            ),
-            NOW,
-        )
+        updated = tx.update_entry(replace(_entry(selectors=("unix:uid:1001",)), id=created.id), NOW)
     assert updated.revision > created.revision
     with store.read() as tx:
         got = tx.get_entry(created.id)
