@@ -192,6 +192,23 @@ class PolicyConfig(_Model):
         return self
 
 
+class JwtConfig(_Model):
+    """JWT-SVID request authentication: ``bundle`` is a SPIFFE bundle JSON file holding the
+    JWT authorities of the proxy's own trust domain (watched); a token must name our own SPIFFE
+    ID or one of ``audiences`` in its ``aud``."""
+
+    bundle: Path
+    audiences: tuple[str, ...] = ()
+    poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
+
+    @field_validator("audiences")
+    @classmethod
+    def _audiences(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if not all(values):
+            raise ValueError("expected non-empty audience strings")
+        return values
+
+
 class AccessLogConfig(_Model):
     """``path: "-"`` writes JSON lines to stdout; ``path: null`` turns the log off."""
 
@@ -206,6 +223,7 @@ class ProxyConfig(_Model):
     inbound: tuple[InboundConfig, ...] = ()
     outbound: tuple[OutboundConfig, ...] = ()
     policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    jwt: JwtConfig | None = None  # absent: Authorization headers are not looked at
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
@@ -302,7 +320,10 @@ def _resolve(config: ProxyConfig, base: Path) -> ProxyConfig:
             for k in ("file", "trust_bundle", "fallback_file")
         }
     )
-    return config.model_copy(update={"identity": identity, "policy": policy})
+    jwt = config.jwt
+    if jwt is not None:
+        jwt = jwt.model_copy(update={"bundle": rel(jwt.bundle) or jwt.bundle})
+    return config.model_copy(update={"identity": identity, "policy": policy, "jwt": jwt})
 
 
 def load_config(path: Path) -> ProxyConfig:

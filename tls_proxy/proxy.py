@@ -2,10 +2,11 @@
 
 Owns the lifecycle: refuse unsupported listener protocols before anything starts, load the
 identity (files or the Workload API), build TLS contexts, load the policy (a file, or the stream
-from the server through ``PolicySource``), assemble the filter chain, start listeners and the
-admin server, then report ready. Stop drains: not ready, stop
-accepting, in-flight connections get ``timeouts.drain`` seconds, then everything closes.
-``reload`` (SIGHUP) re-reads identity files and the policy file. It must not relay bytes itself.
+from the server through ``PolicySource``) and the optional JWT bundle (``jwt.bundle``, watched),
+assemble the filter chain, start listeners and the admin server, then report ready. Stop drains:
+not ready, stop accepting, in-flight connections get ``timeouts.drain`` seconds, then everything
+closes. ``reload`` (SIGHUP) re-reads identity files, the JWT bundle and the policy file. It must
+not relay bytes itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .identity import (
     IdentitySource,
     WorkloadApiIdentitySource,
 )
+from .jwt_auth import JwtBundleStore
 from .listeners import InboundListener, Listener, OutboundListener, check_protocol
 from .metrics import ProxyMetrics
 from .policy_source import PolicySource
@@ -63,6 +65,7 @@ class Proxy:
         self._access_log_stream = access_log_stream
         self._tls: TlsContexts | None = None
         self.policies: PolicyStore | None = None
+        self.jwt_bundles: JwtBundleStore | None = None
         self.policy_source: PolicySource | None = None
         self.listeners: list[Listener] = []
         self.admin: AdminServer | None = None
@@ -96,12 +99,15 @@ class Proxy:
             metrics=self.metrics,
             from_server=from_server,
         )
+        if config.jwt is not None:
+            self.jwt_bundles = JwtBundleStore(config.jwt.bundle, trust_domain=trust_domain)
         self._identity.subscribe(self._on_identity)
         chain = build_chain(
             config,
             policies=self.policies,
             metrics=self.metrics,
             access_log_stream=self._access_log_stream,
+            jwt_bundles=self.jwt_bundles,
         )
         timeouts = config.timeouts
         self.listeners = [
@@ -128,6 +134,10 @@ class Proxy:
         if config.policy.file is not None:
             self._tasks.append(
                 asyncio.create_task(self.policies.watch(config.policy.poll_interval))
+            )
+        if self.jwt_bundles is not None and config.jwt is not None:
+            self._tasks.append(
+                asyncio.create_task(self.jwt_bundles.watch(config.jwt.poll_interval))
             )
         if config.policy.server is not None:
             self.policy_source = PolicySource(
@@ -172,6 +182,9 @@ class Proxy:
                     "listeners": {x.name: x.port for x in self.listeners},
                     "policy_error": None if self.policies is None else self.policies.last_error,
                     "policy_revision": None if self.policies is None else self.policies.revision,
+                    "jwt_bundle_error": None
+                    if self.jwt_bundles is None
+                    else self.jwt_bundles.last_error,
                 }
                 if self.policy_source is not None:
                     status = self.policy_source.status
@@ -184,9 +197,11 @@ class Proxy:
         return data
 
     def reload(self) -> None:
-        """SIGHUP: re-read identity files and the policy file now."""
+        """SIGHUP: re-read identity files, the JWT bundle file and the policy file now."""
         if isinstance(self._identity, FileIdentitySource):
             self._identity.reload()
+        if self.jwt_bundles is not None:
+            self.jwt_bundles.reload()
         if self.policies is not None:
             self.policies.reload()
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import IO
 
 from ..config import ProxyConfig
+from ..jwt_auth import JwtBundleStore
 from ..metrics import ProxyMetrics
 from .access_log import AccessLogFilter, access_record, request_record
 from .authz import AuthzFilter, PolicyStore
@@ -23,6 +24,7 @@ def build_chain(
     policies: PolicyStore,
     metrics: ProxyMetrics,
     access_log_stream: IO[str] | None = None,
+    jwt_bundles: JwtBundleStore | None = None,
 ) -> FilterChain:
     """The filter chain of ``config``, in order (connection and request level)."""
     metrics_filter = MetricsFilter(metrics)
@@ -32,7 +34,13 @@ def build_chain(
         access_log = AccessLogFilter(config.access_log, access_log_stream)
         filters.append(access_log)
         requests.append(access_log)
-    authz = AuthzFilter(policies, metrics, debug=config.debug)
+    authz = AuthzFilter(
+        policies,
+        metrics,
+        debug=config.debug,
+        jwt_bundles=jwt_bundles,
+        jwt_audiences=() if config.jwt is None else config.jwt.audiences,
+    )
     filters.append(authz)
     requests.append(authz)
     return FilterChain(filters, requests)

@@ -13,9 +13,12 @@ Outbound connections are decided by the far side's inbound proxy, so this filter
 
 On ``http`` listeners the decision is per request instead (``on_request``, L7): the same
 attributes plus ``method``, ``host`` (from Host), the normalized ``path`` and the lower-cased
-``headers``. A deny answers 403 ``RBAC: access denied`` (with ``x-meshid-denied-by:
-<policy>/<rule>`` when the proxy's ``debug`` flag is on); every decision is counted by deciding
-policy and rule, and dry-run and AUDIT results are logged. It must not evaluate policy itself.
+``headers``, and, with a ``jwt`` block, ``request_principal`` and ``claims`` of the JWT-SVID in
+``Authorization: Bearer`` (validated by ``jwt_auth`` for our own SPIFFE ID; a token that does not
+validate answers 401 ``Jwt verification fails`` before any policy is asked). A deny answers
+403 ``RBAC: access denied`` (with ``x-meshid-denied-by: <policy>/<rule>`` when the proxy's
+``debug`` flag is on); every decision is counted by deciding policy and rule, and dry-run and
+AUDIT results are logged. It must not evaluate policy itself.
 """
 
 from __future__ import annotations
@@ -26,11 +29,20 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from authz import Engine, PolicyError, Posture, Request, parse_policies, parse_policy_dict
 from authz.model import Policy
 
+from ..jwt_auth import (
+    JwtBundleStore,
+    JwtIdentity,
+    JwtRejected,
+    authenticate,
+    bearer_token,
+    jwt_failed_response,
+)
 from ..l7 import Exchange, LocalResponse, RequestHead, denied_response
 from ..metrics import ProxyMetrics
 from .base import Connection, Deny
@@ -187,11 +199,19 @@ class AuthzFilter:
     name = "authz"
 
     def __init__(
-        self, store: PolicyStore, metrics: ProxyMetrics | None = None, *, debug: bool = False
+        self,
+        store: PolicyStore,
+        metrics: ProxyMetrics | None = None,
+        *,
+        debug: bool = False,
+        jwt_bundles: JwtBundleStore | None = None,
+        jwt_audiences: Sequence[str] = (),
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._debug = debug
+        self._jwt_bundles = jwt_bundles
+        self._jwt_audiences = tuple(jwt_audiences)
 
     def on_connection(self, conn: Connection) -> Deny | None:
         if conn.direction != "inbound" or conn.protocol != "tcp":
@@ -235,6 +255,30 @@ class AuthzFilter:
             return None
         if conn.local_id is None:
             return LocalResponse(403, b"RBAC: access denied", reason="no local identity")
+        identity: JwtIdentity | None = None
+        if self._jwt_bundles is not None:
+            token = bearer_token(request.headers)
+            if token is not None:
+                try:
+                    identity = authenticate(
+                        token,
+                        (conn.local_id, *self._jwt_audiences),
+                        self._jwt_bundles.keys,
+                        now=datetime.now(UTC),
+                    )
+                except JwtRejected as err:  # the reason only: a token is never logged
+                    log.info(
+                        "request JWT-SVID rejected",
+                        extra={
+                            "listener": conn.listener,
+                            "peer_id": conn.peer_id,
+                            "method": request.method,
+                            "path": request.path,
+                            "error": str(err),
+                        },
+                    )
+                    exchange.error, exchange.detail = "jwt_invalid", str(err)
+                    return jwt_failed_response(str(err))
         verdict = self._store.engine.evaluate(
             Request(
                 destination=conn.local_id,
@@ -245,6 +289,8 @@ class AuthzFilter:
                 host=request.host,
                 path=request.path,
                 headers=request.headers,
+                request_principal=None if identity is None else identity.principal,
+                claims={} if identity is None else identity.claims,
             )
         )
         exchange.verdict = verdict
@@ -258,6 +304,7 @@ class AuthzFilter:
         fields = {
             "listener": conn.listener,
             "peer_id": conn.peer_id,
+            "request_principal": None if identity is None else identity.principal,
             "method": request.method,
             "path": request.path,
             "policy": verdict.policy,
