@@ -47,7 +47,7 @@ from .l7 import (
     wants_upgrade,
 )
 from .path import PathError, normalize_path
-from .relay import CHUNK, close_stream, splice
+from .relay import CHUNK, close_stream, drain, splice
 
 log = logging.getLogger(__name__)
 
@@ -394,7 +394,7 @@ class _Http1:
         if data:
             self.writer.write(data)
             self.conn.bytes_out += len(data)
-            await asyncio.wait_for(self.writer.drain(), self.s.idle)
+            await drain(self.writer, self.s.idle)
 
     async def _send_up(self, event: h11.Event) -> None:
         assert self.up is not None and self.upstream is not None
@@ -403,7 +403,7 @@ class _Http1:
             writer = self.upstream[1]
             try:
                 writer.write(data)
-                await asyncio.wait_for(writer.drain(), self.s.idle)
+                await drain(writer, self.s.idle)
             except (OSError, ssl.SSLError) as err:
                 raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
 

@@ -16,6 +16,7 @@ import time
 from .filters.base import Connection
 
 CHUNK = 64 * 1024  # bytes read at a time; with drain() this bounds memory per direction
+DRAIN_BELOW = 64 * 1024  # asyncio's default high-water mark: below it drain() would not wait
 
 
 class _EndOfStream(Exception):
@@ -26,6 +27,18 @@ def set_nodelay(writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
+    """Wait for ``writer``'s buffer to empty below the transport's high-water mark.
+
+    Skips the wait (and ``wait_for``'s task and timer) when the buffer is already small, which
+    is nearly always on the request path; a slow peer still gets the full backpressure.
+    """
+    transport = writer.transport
+    if not transport.is_closing() and transport.get_write_buffer_size() < DRAIN_BELOW:
+        return
+    await asyncio.wait_for(writer.drain(), timeout)
 
 
 async def close_stream(writer: asyncio.StreamWriter | None) -> None:
