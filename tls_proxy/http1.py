@@ -384,7 +384,7 @@ class _Http1:
         with contextlib.suppress(OSError, ssl.SSLError, TimeoutError):
             self.writer.write(out)
             self.conn.bytes_out += len(out)
-            await asyncio.wait_for(self.writer.drain(), self.s.idle)
+            await drain(self.writer, self.s.idle)
         return status
 
     # -- plumbing -------------------------------------------------------------------------

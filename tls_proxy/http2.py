@@ -45,7 +45,7 @@ from .l7 import (
     check_fields,
 )
 from .path import PathError, normalize_path
-from .relay import CHUNK, close_stream
+from .relay import CHUNK, close_stream, drain
 
 log = logging.getLogger(__name__)
 
@@ -631,7 +631,7 @@ class _Http2:
         writers = [self.writer, *(u.writer for u in self.ups)]
         for writer in writers:
             if not writer.is_closing():
-                await asyncio.wait_for(writer.drain(), self.s.idle)
+                await drain(writer, self.s.idle)
 
     def _fields(self) -> dict[str, object]:
         return {
