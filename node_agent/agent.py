@@ -323,8 +323,18 @@ class Agent:
     def _held_svid(self, svid: HeldX509) -> HeldSvid:
         nb = datetime.fromtimestamp(svid.not_before, UTC)
         na = datetime.fromtimestamp(svid.not_after, UTC)
-        at = self._renew_at.get(svid.entry_id) or renew_at(nb, na, self._rng)
+        at = self._renew_at.get(svid.entry_id) or self._schedule_renewal(svid, svid.not_before)
         return HeldSvid(svid.entry_id, svid.entry_revision, nb, na, at, svid.authority_key_id)
+
+    def _schedule_renewal(self, svid: HeldX509, start: float) -> datetime:
+        """Draw the SVID's renewal time once (jitter included) and remember it."""
+        at = renew_at(
+            datetime.fromtimestamp(start, UTC),
+            datetime.fromtimestamp(svid.not_after, UTC),
+            self._rng,
+        )
+        self._renew_at[svid.entry_id] = at
+        return at
 
     async def _sign(self, entry_ids: Sequence[str]) -> None:
         assert self.cache is not None
@@ -356,9 +366,7 @@ class Agent:
                 held = held_from_chain(entry, result.cert_chain, der_key)
                 # Measured from arrival, not from not_before: the server backdates SVIDs for
                 # clock skew, which would make a seconds-long SVID look half-spent at once.
-                arrived = datetime.now(UTC)
-                na = datetime.fromtimestamp(held.not_after, UTC)
-                self._renew_at[entry.id] = renew_at(arrived, na, self._rng)
+                self._schedule_renewal(held, datetime.now(UTC).timestamp())
                 fresh.append(held)
             self.cache.put_svids(fresh)
             log.info("SVIDs signed", extra={"count": len(fresh), "requested": len(batch)})
@@ -451,9 +459,7 @@ class Agent:
             self.cache.set_bundles(bundle, federated)
         live = [s for s in svids.values() if s.not_after > now]
         for svid in live:
-            nb = datetime.fromtimestamp(svid.not_before, UTC)
-            na = datetime.fromtimestamp(svid.not_after, UTC)
-            self._renew_at[svid.entry_id] = renew_at(nb, na, self._rng)
+            self._schedule_renewal(svid, svid.not_before)
         self.cache.put_svids(live)
         self.cache.mark_ready()
         log.info("served from the stored SVID cache", extra={"entries": len(entries)})
