@@ -10,8 +10,8 @@ Exit status of ``check``: 0 allowed, 2 denied, 1 error, so ``meshid policy check
 works. Typer and click exit 2 on a usage error; ``check`` turns that into 1 so that 2 always
 means "denied". A failed check prints one line on stderr and nothing on stdout.
 
-Policies stored on the server (``--socket``) are not supported yet: the server has no policy
-store.
+``--socket`` adds the policies stored on the server (read through its admin API). A JWT-SVID
+the proxy would have validated is given as ``--request-principal`` and ``--claims``.
 """
 
 from __future__ import annotations
@@ -180,6 +180,24 @@ def _headers(values: list[str]) -> dict[str, str]:
     return headers
 
 
+def _jwt(principal: str | None, claims: str | None) -> dict[str, Any]:
+    """The ``Request`` fields of a validated JWT-SVID: its ``sub`` and its claims."""
+    if principal is None:
+        if claims is not None:
+            _fail("--claims: give --request-principal too (the sub of the JWT-SVID)")
+        return {}
+    sub = str(_spiffe_id(principal, "--request-principal"))
+    parsed: Any = {}
+    if claims is not None:
+        try:
+            parsed = json.loads(claims)
+        except json.JSONDecodeError as err:
+            _fail(f"--claims: expected a JSON object ({err})")
+        if not isinstance(parsed, dict):
+            _fail(f"--claims: expected a JSON object, got {type(parsed).__name__}")
+    return {"request_principal": sub, "claims": {**parsed, "sub": sub}}
+
+
 def _normalized(raw: str, encoded_slashes: EncodedSlashes) -> str:
     try:
         return normalize_path(raw, encoded_slashes=encoded_slashes)
@@ -209,6 +227,8 @@ def _describe_request(request: Request) -> list[str]:
         lines = [f"request: {request.method} {request.path}{host} to {request.destination}{port}"]
         lines += [f"header:  {name}: {value}" for name, value in request.headers.items()]
     lines.append(f"source:  {source}")
+    if request.request_principal is not None:
+        lines.append(f"jwt:     {request.request_principal} (validated JWT-SVID)")
     return lines
 
 
@@ -253,6 +273,7 @@ def _json_report(
         "path": None if request.is_l4 else request.path,
         "host": None if request.is_l4 else request.host,
         "headers": {} if request.is_l4 else dict(request.headers),
+        "request_principal": request.request_principal,
     }
     return report
 
@@ -298,6 +319,14 @@ def check(
         typer.Option(min=1, max=MAX_PORT, help="Destination port the proxy accepted on."),
     ] = None,
     source_ip: Annotated[str | None, typer.Option(help="The peer's IP address.")] = None,
+    request_principal: Annotated[
+        str | None,
+        typer.Option(help="The sub of a JWT-SVID the proxy validated (Authorization: Bearer)."),
+    ] = None,
+    claims: Annotated[
+        str | None,
+        typer.Option(help='That JWT-SVID\'s claims as a JSON object, e.g. \'{"aud": ["x"]}\'.'),
+    ] = None,
     l4: Annotated[
         bool, typer.Option("--l4", help="A TCP connection: no method, path, host or headers.")
     ] = False,
@@ -346,6 +375,11 @@ def check(
             for name, value in (("--method", method), ("--path", path), ("--host", host))
             if value is not None
         ] + (["--header"] if headers else [])
+        given += [
+            name
+            for name, value in (("--request-principal", request_principal), ("--claims", claims))
+            if value is not None
+        ]
         if given:
             _fail(f"--l4 is a TCP connection without HTTP attributes; drop {', '.join(given)}")
         request = Request(
@@ -366,6 +400,7 @@ def check(
             host=host,
             path=_normalized(raw_path, _SLASH_MODES[encoded_slashes]),
             headers=headers,
+            **_jwt(request_principal, claims),
         )
     try:
         engine = Engine.compile(

@@ -18,6 +18,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -193,11 +194,14 @@ class PolicyConfig(_Model):
 
 
 class JwtConfig(_Model):
-    """JWT-SVID request authentication: ``bundle`` is a SPIFFE bundle JSON file holding the
-    JWT authorities of the proxy's own trust domain (watched); a token must name our own SPIFFE
-    ID or one of ``audiences`` in its ``aud``."""
+    """JWT-SVID request authentication. The JWT authorities come from files — ``bundle`` (a
+    SPIFFE bundle JSON of our own trust domain) plus ``federated`` (trust domain -> file), all
+    watched — or, without ``bundle``, from the Workload API named by ``identity.workload_api``
+    (ours and the federated ones the agent serves). A token must name our own SPIFFE ID or one
+    of ``audiences`` in its ``aud``."""
 
-    bundle: Path
+    bundle: Path | None = None
+    federated: dict[str, Path] = Field(default_factory=dict)
     audiences: tuple[str, ...] = ()
     poll_interval: float = Field(default=DEFAULT_POLL_INTERVAL, gt=0)
 
@@ -207,6 +211,26 @@ class JwtConfig(_Model):
         if not all(values):
             raise ValueError("expected non-empty audience strings")
         return values
+
+    @field_validator("federated")
+    @classmethod
+    def _federated(cls, values: dict[str, Path]) -> dict[str, Path]:
+        for name in values:
+            _check_trust_domain(name)
+        return values
+
+    @model_validator(mode="after")
+    def _files_together(self) -> JwtConfig:
+        if self.federated and self.bundle is None:
+            raise ValueError(
+                "expected jwt.bundle with jwt.federated (without jwt.bundle every JWT bundle"
+                " comes from the Workload API, federated ones included)"
+            )
+        return self
+
+    @property
+    def from_workload_api(self) -> bool:
+        return self.bundle is None
 
 
 class AccessLogConfig(_Model):
@@ -233,14 +257,17 @@ class ProxyConfig(_Model):
     @field_validator("trust_domain")
     @classmethod
     def _td(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        try:
-            parsed = TrustDomain(value)
-        except PySpiffeError as err:
-            raise ValueError(f"expected a trust domain name such as example.org ({err})") from err
-        if parsed.name != value:
-            raise ValueError(f"expected a lower-case trust domain name (got {value!r})")
+        return None if value is None else _check_trust_domain(value)
+
+    @field_validator("jwt")
+    @classmethod
+    def _jwt_source(cls, value: JwtConfig | None, info: ValidationInfo) -> JwtConfig | None:
+        identity = info.data.get("identity")  # validated before jwt (field order)
+        if value is not None and value.from_workload_api and identity and identity.from_files:
+            raise ValueError(
+                "expected jwt.bundle: with identity from files there is no Workload API to"
+                " stream JWT bundles from"
+            )
         return value
 
     @model_validator(mode="after")
@@ -254,6 +281,16 @@ class ProxyConfig(_Model):
     def public_dict(self) -> dict[str, Any]:
         """The effective configuration for ``/config``: paths only, no key material."""
         return self.model_dump(mode="json")
+
+
+def _check_trust_domain(value: str) -> str:
+    try:
+        parsed = TrustDomain(value)
+    except PySpiffeError as err:
+        raise ValueError(f"expected a trust domain name such as example.org ({err})") from err
+    if parsed.name != value:
+        raise ValueError(f"expected a lower-case trust domain name (got {value!r})")
+    return value
 
 
 def _check_spiffe_id(value: str) -> str:
@@ -322,7 +359,12 @@ def _resolve(config: ProxyConfig, base: Path) -> ProxyConfig:
     )
     jwt = config.jwt
     if jwt is not None:
-        jwt = jwt.model_copy(update={"bundle": rel(jwt.bundle) or jwt.bundle})
+        jwt = jwt.model_copy(
+            update={
+                "bundle": rel(jwt.bundle) or jwt.bundle,
+                "federated": {td: rel(f) or f for td, f in jwt.federated.items()},
+            }
+        )
     return config.model_copy(update={"identity": identity, "policy": policy, "jwt": jwt})
 
 

@@ -1,11 +1,13 @@
 """JWT-SVID request authentication for L7 authz (``request_principals``, ``request.auth.*``).
 
-Owns ``JwtBundleStore`` (the JWT authorities of the proxy's own trust domain, read from the
-SPIFFE bundle JSON file ``jwt.bundle`` at start, reloaded when the file changes, keeping the last
-good keys when the new text is unusable), ``bearer_token`` (the token of an ``Authorization:
-Bearer`` header, if any) and ``authenticate`` (validate it with ``ca.jwtsvid.validate_jwt_svid``
-against our own SPIFFE ID and the configured extra audiences). A token is a credential: it must
-never be logged; ``JwtRejected`` carries the validator's reason only. It must not decide policy.
+Owns the JWT bundle sources behind ``JwtBundles``: ``JwtBundleStore`` (SPIFFE bundle JSON files,
+``jwt.bundle`` for our own trust domain and ``jwt.federated`` for others, reloaded when they
+change, keeping the last good keys when a new text is unusable) and ``WorkloadApiJwtBundles``
+(py-spiffe's ``JwtSource`` on the Workload API: ours and the federated trust domains' bundles as
+the agent streams them); ``bearer_token`` (the token of an ``Authorization: Bearer`` header, if
+any) and ``authenticate`` (validate it with ``ca.jwtsvid.validate_jwt_svid`` against our own
+SPIFFE ID and the configured extra audiences). A token is a credential: it must never be logged;
+``JwtRejected`` carries the validator's reason only. It must not decide policy.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
+from typing import Protocol
 
-from spiffe import TrustDomain
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from spiffe import JwtSource, TrustDomain
+from spiffe.errors import PySpiffeError
 
 from ca.bundle import from_spiffe_json
 from ca.errors import CaError
@@ -28,6 +33,7 @@ from ca.jwtsvid import validate_jwt_svid
 from ca.keys import PublicKey
 
 from .errors import ProxyError
+from .identity import ENDPOINT_ENV
 from .l7 import LocalResponse
 
 log = logging.getLogger(__name__)
@@ -66,44 +72,83 @@ def jwt_failed_response(reason: str) -> LocalResponse:
     return LocalResponse(401, JWT_FAILED_BODY, (WWW_AUTHENTICATE,), reason=f"jwt_invalid: {reason}")
 
 
-class JwtBundleStore:
-    """The JWT authorities (kid -> key) per trust domain, from one SPIFFE bundle JSON file for
-    ``trust_domain``. Raises ``ProxyError`` at start when the file is unusable."""
+JwtKeys = Mapping[str, Mapping[str, PublicKey]]  # trust domain -> kid -> key
 
-    def __init__(self, file: Path, *, trust_domain: str) -> None:
-        self.file = file
-        self.trust_domain = trust_domain
-        self.last_error: str | None = None
-        self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = self._file_stamp()
-        self._keys: Mapping[str, Mapping[str, PublicKey]] = self._load()
+
+class JwtBundles(Protocol):
+    """Where the JWT authorities come from: ``keys`` is the current set (trust domain -> kid ->
+    key), ``last_error`` why the last update did not take (None when it did)."""
 
     @property
-    def keys(self) -> Mapping[str, Mapping[str, PublicKey]]:
+    def keys(self) -> JwtKeys: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    def reload(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+class JwtBundleStore:
+    """The JWT authorities from SPIFFE bundle JSON files: ``file`` for ``trust_domain`` (our
+    own) and ``federated`` (trust domain -> file) for others. All files are read together; a
+    reload where any file is unusable keeps the last good set. Raises ``ProxyError`` at start
+    when a file is unusable."""
+
+    def __init__(
+        self,
+        file: Path,
+        *,
+        trust_domain: str,
+        federated: Mapping[str, Path] | None = None,
+    ) -> None:
+        self.file = file
+        self.trust_domain = trust_domain
+        self.files: Mapping[str, Path] = MappingProxyType({trust_domain: file, **(federated or {})})
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        self._stamp = self._files_stamp()
+        self._keys: JwtKeys = self._load()
+
+    @property
+    def keys(self) -> JwtKeys:
         return self._keys
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.file)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _files_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
+        stamps: list[tuple[int, int, int] | None] = []
+        for file in self.files.values():
+            try:
+                st = os.stat(file)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
 
-    def _load(self) -> Mapping[str, Mapping[str, PublicKey]]:
-        try:
-            data = self.file.read_bytes()
-        except OSError as err:
-            raise ProxyError(f"jwt.bundle: cannot read {self.file}: {err.strerror}") from err
-        try:
-            bundle = from_spiffe_json(TrustDomain(self.trust_domain), data)
-        except CaError as err:
-            raise ProxyError(f"jwt.bundle: {self.file}: not a SPIFFE bundle ({err})") from err
-        return MappingProxyType({self.trust_domain: bundle.jwt_authorities})
+    def _load(self) -> JwtKeys:
+        keys: dict[str, Mapping[str, PublicKey]] = {}
+        for trust_domain, file in self.files.items():
+            what = (
+                "jwt.bundle"
+                if trust_domain == self.trust_domain
+                else f"jwt.federated.{trust_domain}"
+            )
+            try:
+                data = file.read_bytes()
+            except OSError as err:
+                raise ProxyError(f"{what}: cannot read {file}: {err.strerror}") from err
+            try:
+                bundle = from_spiffe_json(TrustDomain(trust_domain), data)
+            except CaError as err:
+                raise ProxyError(f"{what}: {file}: not a SPIFFE bundle ({err})") from err
+            keys[trust_domain] = bundle.jwt_authorities
+        return MappingProxyType(keys)
 
     def reload(self) -> bool:
-        """Read the file now; on failure keep the last good keys and log why."""
+        """Read the files now; on failure keep the last good keys and log why."""
         with self._lock:
-            self._stamp = self._file_stamp()
+            self._stamp = self._files_stamp()
             try:
                 keys = self._load()
             except ProxyError as err:
@@ -115,30 +160,104 @@ class JwtBundleStore:
         log.info(
             "jwt bundle loaded",
             extra={
-                "file": str(self.file),
-                "trust_domain": self.trust_domain,
-                "keys": len(keys[self.trust_domain]),
+                "trust_domains": ",".join(sorted(keys)),
+                "keys": sum(len(k) for k in keys.values()),
             },
         )
         return True
 
     def poll(self) -> bool:
-        """Reload when the file's mtime, size or inode changed; True when new keys took."""
-        if self._file_stamp() == self._stamp:
+        """Reload when a file's mtime, size or inode changed; True when new keys took."""
+        if self._files_stamp() == self._stamp:
             return False
         return self.reload()
 
     async def watch(self, interval: float) -> None:
-        """Poll the file every ``interval`` seconds until cancelled."""
+        """Poll the files every ``interval`` seconds until cancelled."""
         while True:
             await asyncio.sleep(interval)
             self.poll()
+
+    def close(self) -> None:
+        return None
+
+
+class WorkloadApiJwtBundles:
+    """The JWT authorities streamed from the Workload API (``FetchJWTBundles``) through
+    py-spiffe's ``JwtSource``: our own trust domain's and those of the trust domains our entry
+    federates with, replaced as the agent sends new sets. When the stream fails the last good
+    keys stay in use and ``last_error`` says why."""
+
+    def __init__(self, endpoint: str | None, *, timeout: float) -> None:
+        """Blocks until the first bundle set arrives (call it in a thread from async code)."""
+        endpoint = endpoint or os.environ.get(ENDPOINT_ENV)
+        if not endpoint:
+            raise ProxyError(
+                f"jwt: no Workload API address: set identity.workload_api or {ENDPOINT_ENV}"
+            )
+        self.endpoint = endpoint
+        self.last_error: str | None = None
+        self._lock = threading.Lock()
+        try:
+            self._source = JwtSource(socket_path=endpoint, timeout_in_seconds=timeout)
+        except PySpiffeError as err:
+            raise ProxyError(f"jwt: Workload API at {endpoint}: {err}") from err
+        self._keys: JwtKeys = MappingProxyType({})
+        if not self.reload():
+            self._source.close()
+            raise ProxyError(f"jwt: Workload API at {endpoint}: {self.last_error}")
+        self._source.subscribe_for_updates(self._on_update)
+
+    @property
+    def keys(self) -> JwtKeys:
+        return self._keys
+
+    def reload(self) -> bool:
+        """Take the source's current bundle set; on failure keep the last good keys."""
+        try:
+            bundles = self._source.bundles
+        except PySpiffeError as err:
+            with self._lock:
+                self.last_error = str(err)
+            log.error("jwt bundles from the Workload API not updated", extra={"error": str(err)})
+            return False
+        # JWT-SVIDs are signed with RSA or EC keys (RS*, PS*, ES*); no other key verifies one.
+        keys: JwtKeys = MappingProxyType(
+            {
+                b.trust_domain.name: MappingProxyType(
+                    {
+                        kid: key
+                        for kid, key in b.jwt_authorities.items()
+                        if isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+                    }
+                )
+                for b in bundles
+            }
+        )
+        with self._lock:
+            self._keys = keys
+            self.last_error = None
+        log.info(
+            "jwt bundles updated from the Workload API",
+            extra={
+                "trust_domains": ",".join(sorted(keys)),
+                "keys": sum(len(k) for k in keys.values()),
+            },
+        )
+        return True
+
+    def _on_update(self) -> None:
+        self.reload()
+
+    def close(self) -> None:
+        self._source.unsubscribe_for_updates(self._on_update)
+        self._source.close()
 
 
 def authenticate(
     token: str,
     audiences: Sequence[str],
-    keys: Mapping[str, Mapping[str, PublicKey]],
+    keys: JwtKeys,
     *,
     now: datetime,
 ) -> JwtIdentity:

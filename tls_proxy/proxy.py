@@ -2,11 +2,11 @@
 
 Owns the lifecycle: refuse unsupported listener protocols before anything starts, load the
 identity (files or the Workload API), build TLS contexts, load the policy (a file, or the stream
-from the server through ``PolicySource``) and the optional JWT bundle (``jwt.bundle``, watched),
-assemble the filter chain, start listeners and the admin server, then report ready. Stop drains:
-not ready, stop accepting, in-flight connections get ``timeouts.drain`` seconds, then everything
-closes. ``reload`` (SIGHUP) re-reads identity files, the JWT bundle and the policy file. It must
-not relay bytes itself.
+from the server through ``PolicySource``) and the optional JWT bundles (files, watched, or the
+Workload API), assemble the filter chain, start listeners and the admin server, then report
+ready. Stop drains: not ready, stop accepting, in-flight connections get ``timeouts.drain``
+seconds, then everything closes. ``reload`` (SIGHUP) re-reads identity files, the JWT bundle
+files and the policy file. It must not relay bytes itself.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .identity import (
     IdentitySource,
     WorkloadApiIdentitySource,
 )
-from .jwt_auth import JwtBundleStore
+from .jwt_auth import JwtBundles, JwtBundleStore, WorkloadApiJwtBundles
 from .listeners import InboundListener, Listener, OutboundListener, check_protocol
 from .metrics import ProxyMetrics
 from .policy_source import PolicySource
@@ -47,6 +47,17 @@ async def open_identity(config: ProxyConfig) -> IdentitySource:
     )
 
 
+async def open_jwt_bundles(config: ProxyConfig, trust_domain: str) -> JwtBundles:
+    """The JWT bundles the ``jwt`` block names: files, or the Workload API's stream."""
+    jwt = config.jwt
+    assert jwt is not None
+    if jwt.bundle is not None:
+        return JwtBundleStore(jwt.bundle, trust_domain=trust_domain, federated=jwt.federated)
+    return await asyncio.to_thread(
+        WorkloadApiJwtBundles, config.identity.workload_api, timeout=config.identity.timeout
+    )
+
+
 class Proxy:
     def __init__(
         self,
@@ -65,7 +76,7 @@ class Proxy:
         self._access_log_stream = access_log_stream
         self._tls: TlsContexts | None = None
         self.policies: PolicyStore | None = None
-        self.jwt_bundles: JwtBundleStore | None = None
+        self.jwt_bundles: JwtBundles | None = None
         self.policy_source: PolicySource | None = None
         self.listeners: list[Listener] = []
         self.admin: AdminServer | None = None
@@ -100,7 +111,7 @@ class Proxy:
             from_server=from_server,
         )
         if config.jwt is not None:
-            self.jwt_bundles = JwtBundleStore(config.jwt.bundle, trust_domain=trust_domain)
+            self.jwt_bundles = await open_jwt_bundles(config, trust_domain)
         self._identity.subscribe(self._on_identity)
         chain = build_chain(
             config,
@@ -135,7 +146,7 @@ class Proxy:
             self._tasks.append(
                 asyncio.create_task(self.policies.watch(config.policy.poll_interval))
             )
-        if self.jwt_bundles is not None and config.jwt is not None:
+        if isinstance(self.jwt_bundles, JwtBundleStore) and config.jwt is not None:
             self._tasks.append(
                 asyncio.create_task(self.jwt_bundles.watch(config.jwt.poll_interval))
             )
@@ -233,6 +244,8 @@ class Proxy:
             await self.admin.stop()
         if self._tls is not None:
             self._tls.close()
+        if self.jwt_bundles is not None:
+            self.jwt_bundles.close()
         if self._identity is not None:
             self._identity.unsubscribe(self._on_identity)
             self._identity.close()

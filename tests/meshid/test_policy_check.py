@@ -77,6 +77,17 @@ spec:
       to: [{{operation: {{methods: ["GET"]}}}}]
 """
 
+JWT_POLICIES = f"""\
+apiVersion: meshid/v1
+kind: AuthorizationPolicy
+metadata: {{name: web-jwt}}
+spec:
+  selector: {{spiffe_ids: ["{WEB}"]}}
+  rules:
+    - from: [{{source: {{request_principals: ["{BATCH}"]}}}}]
+      when: [{{key: "request.auth.claims[aud]", values: ["reports"]}}]
+"""
+
 BAD_POLICY = f"""\
 apiVersion: meshid/v1
 kind: AuthorizationPolicy
@@ -94,6 +105,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
         ("web", WEB_POLICIES),
         ("trial", TRIAL_POLICIES),
         ("db", DB_POLICIES),
+        ("jwt", JWT_POLICIES),
         ("bad", BAD_POLICY),
     ]:
         out[name] = tmp_path / f"{name}.yaml"
@@ -263,3 +275,41 @@ def test_usage_error_exits_1_not_2(files: dict[str, Path]) -> None:
     result = check(files, "--source", FRONTEND)
     assert result.returncode == 1
     assert "--destination" in result.stderr
+
+
+def test_a_jwt_svid_is_given_as_request_principal_and_claims(files: dict[str, Path]) -> None:
+    base = ("--source", FRONTEND, "--destination", WEB)
+    allowed = check(
+        files,
+        *base,
+        "--request-principal",
+        BATCH,
+        "--claims",
+        '{"aud": ["reports"]}',
+        using=("jwt",),
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    assert lines(allowed)[0] == "ALLOW by policy web-jwt rule 0"
+    assert f"jwt:     {BATCH} (validated JWT-SVID)" in lines(allowed)
+    # without the claim, or without a token, the ALLOW policy does not match
+    assert check(files, *base, "--request-principal", BATCH, using=("jwt",)).returncode == 2
+    denied = check(files, *base, "--output", "json", using=("jwt",))
+    assert denied.returncode == 2
+    assert json.loads(denied.stdout)["request"]["request_principal"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--claims", "{}"), "--claims: give --request-principal too"),
+        (("--request-principal", BATCH, "--claims", "[1]"), "--claims: expected a JSON object"),
+        (("--request-principal", BATCH, "--claims", "{x"), "--claims: expected a JSON object"),
+        (("--request-principal", "batch"), "--request-principal"),
+        (("--l4", "--request-principal", BATCH), "drop --request-principal"),
+    ],
+)
+def test_bad_jwt_options_are_one_line(
+    files: dict[str, Path], args: tuple[str, ...], message: str
+) -> None:
+    result = check(files, "--source", FRONTEND, "--destination", WEB, *args, using=("jwt",))
+    assert_one_error_line(result, message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import IO
 
 from ..config import ProxyConfig
-from ..jwt_auth import JwtBundleStore
+from ..jwt_auth import JwtBundles
 from ..metrics import ProxyMetrics
 from .access_log import AccessLogFilter, access_record, request_record
 from .authz import AuthzFilter, PolicyStore
@@ -24,7 +24,7 @@ def build_chain(
     policies: PolicyStore,
     metrics: ProxyMetrics,
     access_log_stream: IO[str] | None = None,
-    jwt_bundles: JwtBundleStore | None = None,
+    jwt_bundles: JwtBundles | None = None,
 ) -> FilterChain:
     """The filter chain of ``config``, in order (connection and request level)."""
     metrics_filter = MetricsFilter(metrics)

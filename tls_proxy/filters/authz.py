@@ -36,7 +36,7 @@ from authz import Engine, PolicyError, Posture, Request, parse_policies, parse_p
 from authz.model import Policy
 
 from ..jwt_auth import (
-    JwtBundleStore,
+    JwtBundles,
     JwtIdentity,
     JwtRejected,
     authenticate,
@@ -204,7 +204,7 @@ class AuthzFilter:
         metrics: ProxyMetrics | None = None,
         *,
         debug: bool = False,
-        jwt_bundles: JwtBundleStore | None = None,
+        jwt_bundles: JwtBundles | None = None,
         jwt_audiences: Sequence[str] = (),
     ) -> None:
         self._store = store
