@@ -23,6 +23,7 @@ from tests.support.processes import ServerProcess, free_port
 
 from ._harness import echo_app, exchange
 from ._harness import running as proxy_running
+from ._http import Client, http_echo_app
 from ._pki import CLIENT, WEB
 from .test_policy_server import DEADLINE, DENY_CLIENT, until
 
@@ -150,6 +151,104 @@ def test_apply_deny_delete_through_a_real_server(short_tmp: Path) -> None:
                         writer.write(b"end")
                         assert await reader.readexactly(3) == b"end"
                         writer.close()
+
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.stop()
+
+
+def test_http_requests_on_one_keep_alive_connection_follow_apply_and_delete(
+    short_tmp: Path,
+) -> None:
+    """L7: every request is decided on its own, so the same keep-alive connection is answered 403
+    within 1 s of ``policy apply`` and 200 again within 1 s of ``policy delete``; the connection
+    is never dropped, and the proxy never asks the app while the policy denies."""
+    root = short_tmp
+    port = free_port()
+    server = ServerProcess(
+        root / "srv", root / "adm" / "s.sock", extra_args=["--bind", f"127.0.0.1:{port}"]
+    ).start()
+    policy_file = root / "deny.yaml"
+    policy_file.write_text(DENY_CLIENT)
+    try:
+        web_identity = _mint(server, WEB, root / "web")
+        client_identity = _mint(server, CLIENT, root / "client")
+        common: dict[str, Any] = {
+            "admin": {"listen": "127.0.0.1:0"},
+            "timeouts": {"drain": 2, "handshake": 5},
+        }
+
+        async def scenario() -> None:
+            async with http_echo_app() as app:
+                inbound_config = {
+                    **common,
+                    "identity": web_identity,
+                    "default_posture": "allow",
+                    "inbound": [
+                        {
+                            "name": "web",
+                            "listen": "127.0.0.1:0",
+                            "forward": f"127.0.0.1:{app.port}",
+                            "protocol": "http",
+                        }
+                    ],
+                    "policy": {"server": f"127.0.0.1:{port}"},
+                }
+                async with proxy_running(inbound_config, root) as inbound:
+                    store = inbound.proxy.policies
+                    assert store is not None
+                    await until(
+                        lambda: asyncio.sleep(0, store.revision is not None),
+                        "the first policy set",
+                        FIRST_SET_TIMEOUT,
+                    )
+                    outbound_config = {
+                        **common,
+                        "identity": client_identity,
+                        "outbound": [
+                            {
+                                "name": "to-web",
+                                "listen": "127.0.0.1:0",
+                                "upstream": [f"127.0.0.1:{inbound.port('web')}"],
+                                "expect_ids": [WEB],
+                                "protocol": "http",
+                            }
+                        ],
+                    }
+                    async with proxy_running(outbound_config, root) as outbound:
+                        client = await Client.open(outbound.port("to-web"))
+                        statuses: list[int] = []
+
+                        async def status() -> int:
+                            reply = await client.request("GET", "/api/items")
+                            statuses.append(reply.status)
+                            return reply.status
+
+                        async def allowed() -> bool:
+                            return await status() == 200
+
+                        async def denied() -> bool:
+                            return await status() == 403
+
+                        assert await allowed()
+                        await asyncio.to_thread(
+                            _cli, server, "policy", "apply", "-f", str(policy_file)
+                        )
+                        await until(denied, "the DENY policy enforced", DEADLINE)
+                        app_saw = len(app.seen)
+                        assert await denied()  # and it stays so
+                        assert len(app.seen) == app_saw  # a denied request never reaches the app
+
+                        await asyncio.to_thread(
+                            _cli, server, "policy", "delete", "--name", "no-client"
+                        )
+                        await until(allowed, "the deletion enforced", DEADLINE)
+                        assert await allowed()
+                        # one connection carried all of it: an error above would have raised
+                        assert set(statuses) == {200, 403}
+                        assert statuses[0] == 200 and statuses[-1] == 200
+                        await client.close()
 
         asyncio.run(asyncio.wait_for(scenario(), 120))
     finally:
