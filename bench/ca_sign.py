@@ -4,7 +4,8 @@ raw `cryptography` sign loop in the same run.
 Server path: CSR parsed and its signature checked, SVID built and signed, then validated against
 the X509-SVID rules and verified to the bundle (the CA checks its own output), and one audit
 event per SVID committed to a real SQLite file (WAL, synchronous=FULL). Measured for single
-mints (one transaction each, like `meshid x509 mint`) and for agent-sized batches.
+mints (one transaction each, like `meshid x509 mint`), batches of 50 and the agent's own batch
+size (``node_agent.agent.SIGN_BATCH``, the CSRs one BatchNewX509SVID call carries).
 Raw loop: load the CSR and check its signature (proof of possession, which any CA signing from
 CSRs must do), build the same leaf and sign it; nothing else. The ratio is then what our own
 work costs on top of the unavoidable cryptography: validation, audit, the database.
@@ -13,7 +14,7 @@ As ``ca.server.serve`` does once startup is over, the bench calls ``gc.freeze()`
 the service, so full garbage collections stop walking the ~100k long-lived startup objects (each
 such pass otherwise stalls the signing path for tens of milliseconds). Both paths run frozen.
 
-Run: .venv/bin/python bench/ca_sign.py [--count N]
+Run: .venv/bin/python bench/ca_sign.py [--count N] [--rounds R]
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ from ca.datastore import Datastore
 from ca.keys import KeyType, MemoryKeyManager, generate_key
 from ca.service import CaService, CaSettings, X509Request
 from ca.x509svid import public_key_from_csr
+from node_agent.agent import SIGN_BATCH
 
 ID = SpiffeId("spiffe://example.org/bench/web")
+# One SVID per transaction (`meshid x509 mint`), a small batch, and the agent's own batch size.
+BATCHES = (1, 50, SIGN_BATCH)
 
 
 def make_csrs(count: int) -> list[bytes]:
@@ -99,6 +103,7 @@ def server_path(service: CaService, csrs: list[bytes], batch: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3, help="best of N interleaved rounds")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = Datastore(f"sqlite:///{Path(tmp) / 'bench.sqlite3'}")
@@ -112,18 +117,24 @@ def main() -> None:
         gc.freeze()
         csrs = make_csrs(args.count)
         raw_loop(service, csrs[:100])  # warm up
-        raw = raw_loop(service, csrs)
-        rows = [("raw cryptography loop", raw)]
-        for batch in (1, 50):
-            rows.append((f"server path, batch {batch}", server_path(service, csrs, batch)))
-        raw_again = raw_loop(service, csrs)  # the machine may have drifted; bracket the runs
-        raw = (raw + raw_again) / 2
+        # Rounds interleave the paths and each keeps its best, so that a burst of load from
+        # elsewhere on the machine hits one round of one path rather than the ratio.
+        best: dict[str, float] = {}
+        for _ in range(args.rounds):
+            runs = [("raw cryptography loop", lambda: raw_loop(service, csrs))]
+            runs += [
+                (f"server path, batch {n}", lambda n=n: server_path(service, csrs, n))
+                for n in BATCHES
+            ]
+            for name, run in runs:
+                best[name] = max(best.get(name, 0.0), run())
         store.close()
+    raw = best["raw cryptography loop"]
     print(f"X.509-SVID signing, EC P-256, {args.count} CSRs, SQLite synchronous=FULL")
     print(f"{'path':<28}{'SVIDs/s':>10}{'ratio':>8}")
-    for name, rate in rows:
+    for name, rate in best.items():
         print(f"{name:<28}{rate:>10.0f}{rate / raw:>8.2f}")
-    print("goal: server path (batch) >= 0.80 of the raw loop")
+    print(f"goal: server path at the agent's batch ({SIGN_BATCH}) >= 0.80 of the raw loop")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from .errors import AuthorityUnavailable, CaError, Conflict, InvalidArgument, No
 from .federation import Fetcher, check_endpoint_url, fetch_bundle
 from .jwtsvid import new_kid, sign_jwt_svid
 from .keys import KeyManager, KeyType, PrivateKey, PublicKey, key_type_of
-from .validation import check_issued_by, validate_x509_svid, verify_chain
+from .validation import check_signed_x509_svid, validate_signing_certificate, verify_chain
 from .x509svid import (
     SigningAuthority,
     build_intermediate_certificate,
@@ -502,6 +502,10 @@ class CaService:
         if signers.x509_signer is not None:
             # Once per authority rather than per SVID: its path must reach our own bundle.
             _, authority = signers.x509_signer
+            # The SVID self-check relies on this: the authority's own certificates obey
+            # X509-SVID §4 (checked here, once, rather than with every SVID).
+            for cert in authority.chain or (authority.certificate,):
+                validate_signing_certificate(cert, self.trust_domain)
             verify_chain(
                 authority.chain or (authority.certificate,),
                 self.bundle().x509_authorities,
@@ -802,10 +806,9 @@ class CaService:
                 serial=random_serial(),
                 dns_names=req.dns_names,
             )
-            # Sign, then validate our own output before it leaves (SPIRE does the same).
-            validate_x509_svid(chain, trust_domain=trust_domain)
+            # Sign, then check our own output before it leaves (SPIRE does the same).
             leaf = chain[0]
-            check_issued_by(leaf, authority.certificate)
+            check_signed_x509_svid(leaf, spiffe_id=req.spiffe_id, issuer=authority.certificate)
             issued.append(IssuedX509(req.spiffe_id, tuple(chain), authority_id))
             not_after = leaf.not_valid_after_utc  # what the leaf says, as IssuedX509.not_after
             records.append(

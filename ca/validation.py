@@ -95,6 +95,10 @@ def check_issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
     is right by construction, because ``SigningAuthority`` refuses a key that does not match its
     certificate; ``verify_chain`` is the full path check for certificates from elsewhere.
     """
+    _check_link(leaf, _extensions(leaf), issuer)
+
+
+def _check_link(leaf: x509.Certificate, extensions: _Extensions, issuer: x509.Certificate) -> None:
     facts = _issuer_facts(issuer)
     if leaf.issuer != facts.subject:
         raise InvalidSvid(
@@ -102,7 +106,7 @@ def check_issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
             f"signing authority {issuer.subject.rfc4514_string()!r}; X509-SVID §5.1 requires a "
             "valid path"
         )
-    aki = _extension(_extensions(leaf), x509.AuthorityKeyIdentifier)
+    aki = _extension(extensions, x509.AuthorityKeyIdentifier)
     if aki is not None and facts.ski is not None and aki.value.key_identifier != facts.ski:
         raise InvalidSvid(
             f"{_LEAF} ({_serial(leaf)}) authorityKeyIdentifier does not match the signing "
@@ -113,6 +117,35 @@ def check_issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
             f"{_LEAF} ({_serial(leaf)}) is valid outside its signing authority's lifetime; an SVID "
             "must not outlive the authority that signed it"
         )
+
+
+def check_signed_x509_svid(
+    leaf: x509.Certificate, *, spiffe_id: SpiffeId, issuer: x509.Certificate
+) -> None:
+    """The CA's check of an X509-SVID it has just signed, before the SVID leaves.
+
+    Every X509-SVID rule for a leaf (§2, §3.1, §4.1, §4.3, §4.4) and ``check_issued_by``'s link
+    to the signing authority, in one pass over the leaf's extensions. The one URI SAN must be
+    exactly ``spiffe_id``, the ID the request asked for, which the CA validated as a SPIFFE ID
+    (canonical, non-root, in our trust domain) before signing: an exact match is stricter than
+    re-parsing it. The authority's own certificates are checked when the authority is loaded
+    (``validate_signing_certificate``), not once per SVID.
+    """
+    extensions = _extensions(leaf)
+    uris, san = _uri_sans(extensions)
+    expected = str(spiffe_id)
+    if uris != [expected]:
+        raise InvalidSvid(
+            f"{_LEAF} ({_serial(leaf)}) carries URI SANs {uris}, not exactly the requested "
+            f"{expected!r}; X509-SVID §2 requires exactly one SPIFFE ID"
+        )
+    if san is not None and not san.critical and len(leaf.subject) == 0:
+        raise InvalidSvid(
+            f"{_LEAF} has an empty subject and a non-critical SAN ({_serial(leaf)}); "
+            "X509-SVID §3.1 requires the SAN to be critical then"
+        )
+    _check_leaf_usage(leaf, extensions)
+    _check_link(leaf, extensions, issuer)
 
 
 @dataclass(frozen=True)
@@ -273,7 +306,12 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
             f"{_LEAF} has an empty subject and a non-critical SAN ({_serial(leaf)}); "
             "X509-SVID §3.1 requires the SAN to be critical then"
         )
+    _check_leaf_usage(leaf, extensions)
+    return spiffe_id
 
+
+def _check_leaf_usage(leaf: x509.Certificate, extensions: _Extensions) -> None:
+    """X509-SVID §4.1, §4.3 and §4.4 for a leaf: basicConstraints, keyUsage, extendedKeyUsage."""
     bc = _extension(extensions, x509.BasicConstraints)
     if bc is None:
         raise InvalidSvid(
@@ -308,7 +346,6 @@ def _check_leaf(leaf: x509.Certificate) -> SpiffeId:
                     f"{_LEAF} extendedKeyUsage lacks {name} ({_serial(leaf)}); "
                     "X509-SVID §4.4 requires serverAuth and clientAuth when present"
                 )
-    return spiffe_id
 
 
 def _parse_uri_san(uri: str, cert: x509.Certificate, label: str) -> SpiffeId:

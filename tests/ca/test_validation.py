@@ -17,6 +17,7 @@ from spiffe import SpiffeId, TrustDomain
 from ca.errors import InvalidArgument, InvalidSvid
 from ca.keys import KeyType
 from ca.validation import (
+    check_signed_x509_svid,
     parse_spiffe_id,
     validate_signing_certificate,
     validate_x509_svid,
@@ -205,6 +206,38 @@ def test_broken_rule_is_rejected(
     chain = make(root_authority())
     with pytest.raises(InvalidSvid, match=message):
         validate_x509_svid(chain, trust_domain=trust_domain)
+
+
+# The leaf rules: one-certificate chains checked without a trust domain.
+LEAF_RULES = [case for case in BROKEN_RULES if not case[0].startswith("signing-") and not case[2]]
+
+
+@pytest.mark.parametrize(
+    "make", [case[1] for case in LEAF_RULES], ids=[case[0] for case in LEAF_RULES]
+)
+def test_the_ca_self_check_catches_every_leaf_rule(make: ChainMaker) -> None:
+    """``check_signed_x509_svid`` (the CA's check of its own output) refuses every broken leaf
+    the full validator refuses."""
+    root = root_authority()
+    (leaf,) = make(root)
+    with pytest.raises(InvalidSvid):
+        check_signed_x509_svid(leaf, spiffe_id=SpiffeId(WORKLOAD_ID), issuer=root.certificate)
+
+
+def test_the_ca_self_check_wants_exactly_the_requested_id_and_its_own_issuer() -> None:
+    root = root_authority()
+    leaf = craft_leaf(root)
+    check_signed_x509_svid(leaf, spiffe_id=SpiffeId(WORKLOAD_ID), issuer=root.certificate)
+    with pytest.raises(InvalidSvid, match=r"not exactly the requested 'spiffe://example.org/x'"):
+        check_signed_x509_svid(
+            leaf, spiffe_id=SpiffeId("spiffe://example.org/x"), issuer=root.certificate
+        )
+    other = root_authority(slot=1)
+    with pytest.raises(InvalidSvid, match=r"names issuer .* not the signing authority"):
+        check_signed_x509_svid(leaf, spiffe_id=SpiffeId(WORKLOAD_ID), issuer=other.certificate)
+    outlives = craft_leaf(root, not_after=root.certificate.not_valid_after_utc + HOUR)
+    with pytest.raises(InvalidSvid, match=r"valid outside its signing authority's lifetime"):
+        check_signed_x509_svid(outlives, spiffe_id=SpiffeId(WORKLOAD_ID), issuer=root.certificate)
 
 
 def test_crafting_defaults_conform() -> None:
