@@ -9,8 +9,9 @@ Rules of this module:
   ``datetime`` passed by the caller. ``random_serial`` is the one helper that draws randomness.
 - The SPIFFE ID of a leaf is decided by the server and passed in; a CSR only contributes its
   public key, never its subject or extensions.
-- Signing does not check its own output; the server runs ``ca.validation.validate_x509_svid``
-  (and ``verify_chain``) on every chain before it leaves the CA, as SPIRE does.
+- Signing does not check its own output; the server runs ``ca.validation.check_signed_x509_svid``
+  on every leaf before it leaves the CA, as SPIRE does, and checks the authority's own chain
+  (``validate_signing_certificate``, ``verify_chain``) when it loads the signer.
 """
 
 from __future__ import annotations
