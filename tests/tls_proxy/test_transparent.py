@@ -1,10 +1,14 @@
-"""Transparent mode: the iptables rule builder, the original destination and the CLI."""
+"""Transparent mode: the iptables rule builder, the original destination, the config keys,
+transparent listeners refusing what was not redirected, and the CLI."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +16,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.processes import meshid
-from tls_proxy import ConfigError, NoOriginalDestination
+from tls_proxy import ConfigError, NoOriginalDestination, parse_config
 from tls_proxy.transparent import (
     CHAINS,
     JUMPS,
@@ -26,6 +30,9 @@ from tls_proxy.transparent import (
     ruleset,
     transparent_target,
 )
+
+from ._harness import echo_app, proxy_config, running
+from ._pki import CLIENT, WEB, mint, new_authority
 
 
 def _options(**flags: Any) -> TransparentOptions:
@@ -234,6 +241,100 @@ def test_sockaddr_in_and_in6_as_the_kernel_writes_them() -> None:
     assert parse_sockaddr(v6) == Address("fd00::2", 443)
     with pytest.raises(NoOriginalDestination, match="unknown address"):
         parse_sockaddr(struct.pack("=H", socket.AF_UNIX) + bytes(14))
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+TRANSPARENT_CONFIG: dict[str, Any] = {
+    "inbound": [{"name": "in", "listen": "0.0.0.0:15006", "forward": "original_dst"}],
+    "outbound": [
+        {
+            "name": "out",
+            "listen": "127.0.0.1:15001",
+            "upstream": "original_dst",
+            "expect_ids": [WEB],
+        }
+    ],
+}
+
+
+def test_original_dst_config_parses() -> None:
+    config = parse_config(TRANSPARENT_CONFIG, "proxy.yaml")
+    assert config.inbound[0].transparent and config.outbound[0].transparent
+    assert config.outbound[0].upstream == ("original_dst",)
+    plain = parse_config(
+        {"outbound": [{**TRANSPARENT_CONFIG["outbound"][0], "upstream": ["10.0.0.2:15006"]}]},
+        "proxy.yaml",
+    )
+    assert not plain.outbound[0].transparent
+
+
+CONFIG_ERRORS = [
+    ("bad-forward", "inbound", {"forward": "app"}, "inbound[0].forward: expected HOST:PORT"),
+    ("mixed", "outbound", {"upstream": ["original_dst", "10.0.0.2:1"]}, "original_dst alone"),
+    ("listen", "outbound", {"listen": "10.0.0.1:15001"}, "outbound[0]: expected listen on"),
+    ("no-ids", "outbound", {"expect_ids": None}, "outbound[0].expect_ids: required key"),
+    ("empty-ids", "outbound", {"expect_ids": []}, "outbound[0].expect_ids: expected"),
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "message"),
+    [e[1:] for e in CONFIG_ERRORS],
+    ids=[e[0] for e in CONFIG_ERRORS],
+)
+def test_transparent_config_errors(section: str, change: dict[str, Any], message: str) -> None:
+    listener = {**TRANSPARENT_CONFIG[section][0], **change}
+    listener = {k: v for k, v in listener.items() if v is not None}
+    with pytest.raises(ConfigError) as caught:
+        parse_config({section: [listener]}, "proxy.yaml")
+    assert message in str(caught.value)
+    if section == "inbound":
+        assert "or original_dst" in str(caught.value)
+
+
+# --- a connection that was not redirected -----------------------------------------------------
+
+
+@pytest.mark.parametrize("direction", ["inbound", "outbound"])
+def test_a_connection_that_was_not_redirected_is_refused_and_logged(
+    direction: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No REDIRECT rule here: the kernel has no NAT entry (or one saying the connection came
+    straight to the listener). The proxy closes it before reading a byte; nothing is relayed."""
+    import asyncio
+
+    ca = new_authority()
+    listener: dict[str, Any] = {"name": "t", "listen": "127.0.0.1:0", "protocol": "auto"}
+    if direction == "inbound":
+        listener["forward"] = "original_dst"
+    else:
+        listener |= {"upstream": "original_dst", "expect_ids": [WEB]}
+
+    async def main() -> None:
+        async with echo_app() as echo:
+            config = proxy_config(tmp_path, mint(ca, CLIENT), [ca], **{direction: [listener]})
+            async with running(config, tmp_path) as proxy:
+                reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port("t"))
+                writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    assert await asyncio.wait_for(reader.read(), 5) == b""
+                writer.close()
+                for _ in range(100):  # the access-log line is written as the proxy closes
+                    if proxy.records():
+                        break
+                    await asyncio.sleep(0.05)
+                (record,) = proxy.records()
+                assert record["error"] == "no_original_dst"
+                assert record["result"] == "error"
+                assert record["upstream"] is None
+                assert not echo.open_writers
+
+    with caplog.at_level(logging.INFO, logger="tls_proxy.listeners"):
+        asyncio.run(main())
+    refused = [r for r in caplog.records if r.getMessage() == "transparent connection refused"]
+    assert len(refused) == 1
+    assert "not redirected" in refused[0].__dict__["reason"]
 
 
 # --- the command line -------------------------------------------------------------------------
