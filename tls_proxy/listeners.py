@@ -55,7 +55,7 @@ from .relay import set_nodelay as _nodelay
 from .relay import splice
 from .spiffe_verify import verify_peer
 from .tls import ALPN_H2, TlsContexts, classify_ssl_error, peer_chain_der
-from .transparent import destination
+from .transparent import OwnConnections, destination
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class _Listener:
 
     direction: str
     transparent = False  # relay to each connection's original destination (SO_ORIGINAL_DST)
+    _own: OwnConnections | None = None  # transparent outbound: our upstream connections
 
     def __init__(
         self,
@@ -158,7 +159,7 @@ class _Listener:
         sees its port), or refuse it, logged, when that is unknown or would loop back here."""
         try:
             original, target = destination(
-                writer.get_extra_info("socket"), inbound=self.direction == "inbound"
+                writer.get_extra_info("socket"), inbound=self.direction == "inbound", own=self._own
             )
         except NoOriginalDestination as err:
             conn.error = "no_original_dst"
@@ -411,6 +412,7 @@ class OutboundListener(_Listener):
         self._next = itertools.cycle(range(len(config.upstream)))
         self._expect = frozenset(config.expect_ids)
         self.transparent = config.transparent
+        self._own = OwnConnections() if config.transparent else None
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
@@ -467,7 +469,11 @@ class OutboundListener(_Listener):
             host, port = split(address)
             try:
                 opened = await asyncio.wait_for(
-                    asyncio.open_connection(
+                    (
+                        self._own.open_connection
+                        if self._own is not None
+                        else asyncio.open_connection
+                    )(
                         host,
                         port,
                         ssl=state.client_for(protocol),

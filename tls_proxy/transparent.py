@@ -31,6 +31,7 @@ reads IPv6 destinations (``IP6T_SO_ORIGINAL_DST``) for ip6tables rules an operat
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import shutil
@@ -363,6 +364,8 @@ class _Socket(Protocol):
 
     def getsockname(self) -> Any: ...
 
+    def getpeername(self) -> Any: ...
+
 
 def parse_sockaddr(raw: bytes) -> Address:
     """A ``struct sockaddr_in`` or ``sockaddr_in6`` from the kernel (family in host byte order,
@@ -401,8 +404,56 @@ def original_dst(sock: _Socket) -> Address:
     return parse_sockaddr(raw)
 
 
-def destination(sock: _Socket, *, inbound: bool) -> tuple[Address, Address]:
-    """The original destination of the accepted ``sock`` and where to relay it."""
+class OwnConnections:
+    """The source ports of the upstream connections a transparent outbound listener is opening.
+
+    If the proxy does not run as the uid (or gid) the rules exclude, its own connection to an
+    original destination is redirected straight back to it, and each accepted copy would open
+    another. ``open_connection`` binds the source port before connecting, so the listener can
+    recognize such a connection when it is accepted (``destination(..., own=...)``) and refuse
+    it. Ports bound with ``bind`` are exclusive, so no other socket of the host shares them.
+    """
+
+    def __init__(self) -> None:
+        self._ports: set[int] = set()
+
+    def __contains__(self, port: object) -> bool:
+        return port in self._ports
+
+    async def open_connection(
+        self, host: str, port: int, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """``asyncio.open_connection(host, port, **kwargs)`` from a source port known here."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", 0))  # noqa: S104
+            own = int(sock.getsockname()[1])
+            self._ports.add(own)
+            try:
+                await asyncio.get_running_loop().sock_connect(sock, (host, port))
+                hostname = host if kwargs.get("ssl") else None
+                return await asyncio.open_connection(sock=sock, server_hostname=hostname, **kwargs)
+            finally:
+                self._ports.discard(own)
+        except BaseException:
+            sock.close()
+            raise
+
+
+def destination(
+    sock: _Socket, *, inbound: bool, own: OwnConnections | None = None
+) -> tuple[Address, Address]:
+    """The original destination of the accepted ``sock`` and where to relay it; refused when
+    ``sock`` comes from one of ``own``'s connections (the proxy talking to itself)."""
+    if own is not None:
+        peer_port = int(sock.getpeername()[1])
+        if peer_port in own:
+            raise NoOriginalDestination(
+                f"loop: this connection comes from the proxy's own upstream connection (port "
+                f"{peer_port}); run the proxy as the uid or gid meshid proxy iptables excludes"
+            )
     original = original_dst(sock)
     host, port = sock.getsockname()[:2]
     return original, transparent_target(original, Address(str(host), int(port)), inbound=inbound)

@@ -34,6 +34,8 @@ from tls_proxy.transparent import (
 from ._harness import echo_app, proxy_config, running
 from ._pki import CLIENT, WEB, mint, new_authority
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def _options(**flags: Any) -> TransparentOptions:
     base: dict[str, Any] = {"uid": 1337, "inbound_port": 15006, "outbound_port": 15001}
@@ -335,6 +337,36 @@ def test_a_connection_that_was_not_redirected_is_refused_and_logged(
     refused = [r for r in caplog.records if r.getMessage() == "transparent connection refused"]
     assert len(refused) == 1
     assert "not redirected" in refused[0].__dict__["reason"]
+
+
+def test_the_proxys_own_connection_coming_back_is_refused_as_a_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What happens when the proxy runs under a uid the rules do not exclude: its upstream
+    connection is redirected to its own outbound listener. Connecting from a source port that
+    ``OwnConnections`` holds stands in for that redirect."""
+    import asyncio
+
+    ca = new_authority()
+    listener = {"name": "t", "listen": "127.0.0.1:0", "upstream": "original_dst"}
+    listener["expect_ids"] = [WEB]
+
+    async def main() -> None:
+        config = proxy_config(tmp_path, mint(ca, CLIENT), [ca], outbound=[listener])
+        async with running(config, tmp_path) as proxy:
+            (outbound,) = proxy.proxy.listeners
+            own = outbound._own  # the registry the listener's own upstream connections use
+            assert own is not None
+            reader, writer = await own.open_connection("127.0.0.1", proxy.port("t"))
+            with contextlib.suppress(ConnectionResetError):
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+            assert writer.get_extra_info("sockname")[1] not in own  # only while connecting
+            writer.close()
+
+    with caplog.at_level(logging.INFO, logger="tls_proxy.listeners"):
+        asyncio.run(main())
+    (refused,) = [r for r in caplog.records if r.getMessage() == "transparent connection refused"]
+    assert "comes from the proxy's own upstream connection" in refused.__dict__["reason"]
 
 
 # --- the command line -------------------------------------------------------------------------
