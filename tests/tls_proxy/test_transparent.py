@@ -1,22 +1,40 @@
 """Transparent mode: the iptables rule builder, the original destination, the config keys,
-transparent listeners refusing what was not redirected, and the CLI."""
+transparent listeners refusing what was not redirected (or their own connections coming back),
+the CLI, and (slow, root) two sidecars in network namespaces steered by the real rules:
+
+    client ns 10.77.0.1                                     server ns 10.77.0.2
+    client app --OUTPUT REDIRECT--> outbound :15001 ==mTLS==> --PREROUTING REDIRECT-->
+        inbound :15006 --> 127.0.0.1:8080 app (answers with its request headers)
+
+The end-to-end test runs the proxies under their own uid (``--uid``, setpriv) or, as root, under
+their own gid (``--gid``); either way their own connections must not be redirected again.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import re
+import shutil
 import socket
 import struct
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.support.processes import meshid
-from tls_proxy import ConfigError, NoOriginalDestination, parse_config
+from tls_proxy import READY_LINE, ConfigError, NoOriginalDestination, parse_config
 from tls_proxy.transparent import (
     CHAINS,
     JUMPS,
@@ -32,7 +50,7 @@ from tls_proxy.transparent import (
 )
 
 from ._harness import echo_app, proxy_config, running
-from ._pki import CLIENT, WEB, mint, new_authority
+from ._pki import CLIENT, WEB, mint, new_authority, write_identity
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -393,3 +411,356 @@ def test_cli_apply_without_iptables_fails_in_one_line() -> None:
         "meshid: iptables-save not found on PATH; install Debian's iptables package "
         "(apt-get install iptables) and run as root\n"
     )
+
+
+# --- end to end: two network namespaces, the real rules, two proxy processes -------------------
+
+PROXY_ID = 1337  # the uid (or gid) the proxies run as; it need not exist in /etc/passwd
+INBOUND_PORT = 15006
+OUTBOUND_PORT = 15001
+APP_PORT = 8080
+CLIENT_IP, SERVER_IP = "10.77.0.1", "10.77.0.2"
+READY_TIMEOUT = 60.0  # seconds; a loaded 2-core machine starts Python slowly
+TOOLS = ("ip", "iptables-save", "iptables-restore", "setpriv")
+
+APP = r"""
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+server = HTTPServer(("0.0.0.0", int(sys.argv[1])), Echo)
+print("app ready", flush=True)
+server.serve_forever()
+"""
+
+GET = (
+    "import sys, urllib.request\n"
+    "sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=30).read().decode())\n"
+)
+RAW_GET = r"""
+import socket, sys
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30)
+data = b""
+try:  # a refused connection may be closed before the request is even written
+    sock.sendall(b"GET /raw HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+    while chunk := sock.recv(65536):
+        data += chunk
+except (BrokenPipeError, ConnectionResetError):
+    pass
+sys.stdout.write(data.decode("latin-1"))
+"""
+
+
+def _missing() -> str | None:
+    """What this machine lacks for the namespace test, or None."""
+    if not sys.platform.startswith("linux"):
+        return "Linux"
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if os.geteuid() != 0:
+        missing.insert(0, "root")
+    return ", ".join(missing) or None
+
+
+class _Process:
+    """A subprocess whose merged output is collected line by line; ``wait_for`` awaits a line."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.argv = argv
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self._pump = threading.Thread(target=self._read, daemon=True)
+        self._pump.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[str], bool], what: str) -> str:
+        def found() -> str | None:
+            return next((line for line in self.lines if predicate(line)), None)
+
+        with self._changed:
+            ok = self._changed.wait_for(
+                lambda: found() is not None or self.proc.poll() is not None, READY_TIMEOUT
+            )
+            line = found()
+        if not ok or line is None:
+            raise AssertionError(f"{what}: not seen from {self.argv}:\n" + "\n".join(self.lines))
+        return line
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """The first access-log record with ``fields``, waiting for it."""
+
+        def matches(line: str) -> bool:
+            if not line.startswith("{"):
+                return False
+            record = json.loads(line)
+            return all(record.get(k) == v for k, v in fields.items())
+
+        return dict(json.loads(self.wait_for(matches, f"access-log record {fields}")))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._pump.join(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@contextlib.contextmanager
+def _namespaces() -> Iterator[tuple[str, str]]:
+    """A client and a server namespace joined by a veth pair; always deleted afterwards."""
+    tag = f"{os.getpid() % 100000}"
+    client, server = f"meshid-c{tag}", f"meshid-s{tag}"
+    created: list[str] = []
+    try:
+        for name in (client, server):
+            done = subprocess.run(
+                ["ip", "netns", "add", name], capture_output=True, text=True, check=False
+            )
+            if done.returncode != 0:
+                pytest.skip(f"needs to create network namespaces (ip netns add: {done.stderr})")
+            created.append(name)
+        _ip("link", "add", f"mc{tag}", "type", "veth", "peer", "name", f"ms{tag}")
+        for ns, dev, address in ((client, f"mc{tag}", CLIENT_IP), (server, f"ms{tag}", SERVER_IP)):
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+            _ip("-n", ns, "link", "set", "lo", "up")
+        yield client, server
+    finally:
+        for name in created:
+            subprocess.run(
+                ["ip", "netns", "del", name], capture_output=True, timeout=30, check=False
+            )
+        # Gone with its namespace, unless setup failed before moving it there.
+        subprocess.run(["ip", "link", "del", f"mc{tag}"], capture_output=True, check=False)
+
+
+def _in(ns: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *argv]
+
+
+def _run_in(ns: str, env: dict[str, str], *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _in(ns, *argv), capture_output=True, text=True, timeout=60, env=env, check=False
+    )
+
+
+def _meshid_in(ns: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return _run_in(ns, env, sys.executable, "-m", "meshid", *args)
+
+
+def _nat(ns: str) -> str:
+    return subprocess.run(
+        _in(ns, "iptables-save", "-t", "nat"), capture_output=True, text=True, check=True
+    ).stdout
+
+
+def _write_configs(folder: Path, owner: int) -> dict[str, Path]:
+    """Identities and configs of the client sidecar (transparent outbound) and the web sidecar
+    (transparent inbound), readable by ``owner`` (keys 0600) and by nobody else."""
+    ca = new_authority()
+    outbound = {
+        "name": "out",
+        "listen": f"127.0.0.1:{OUTBOUND_PORT}",
+        "upstream": "original_dst",
+        "expect_ids": [WEB],
+        "protocol": "http",
+    }
+    inbound = {
+        "name": "in",
+        "listen": f"0.0.0.0:{INBOUND_PORT}",
+        "forward": "original_dst",
+        "protocol": "http",
+    }
+    configs = {}
+    for name, spiffe_id, section in (
+        ("client", CLIENT, {"outbound": [outbound]}),
+        ("web", WEB, {"inbound": [inbound]}),
+    ):
+        files = write_identity(folder / name, mint(ca, spiffe_id), ca)
+        config = {
+            "identity": files,
+            "admin": {"listen": "127.0.0.1:15000"},  # each namespace has its own loopback
+            "timeouts": {"drain": 1},
+            **section,
+        }
+        path = folder / name / "proxy.yaml"
+        path.write_text(yaml.safe_dump(config))
+        for item in [folder / name, path, *map(Path, files.values())]:
+            os.chown(item, owner, owner)
+            item.chmod(0o700 if item.is_dir() else 0o600)
+        configs[name] = path
+    return configs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("exclusion", ["uid", "gid"])
+def test_two_sidecars_in_network_namespaces_carry_redirected_traffic(exclusion: str) -> None:
+    """The client app dials the server's address in plain HTTP; the rules take it through both
+    sidecars, so the app behind the far one sees the verified caller in x-forwarded-client-cert.
+    ``uid``: the proxies run under uid 1337 and the rules exclude ``--uid 1337``; ``gid``: they
+    run as root with gid 1337 and the rules also exclude ``--gid 1337``."""
+    missing = _missing()
+    if missing:
+        pytest.skip(
+            "needs root, iproute2's ip, Debian's iptables (iptables-save/-restore) and "
+            f"util-linux's setpriv to build network namespaces; missing: {missing}"
+        )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "PYTHONUNBUFFERED": "1",
+    }
+    if exclusion == "uid":
+        drop = ["setpriv", f"--reuid={PROXY_ID}", f"--regid={PROXY_ID}", "--clear-groups"]
+        flags = ["--uid", str(PROXY_ID)]
+        probe = subprocess.run(
+            [*drop, sys.executable, "-c", "import meshid.cli, tls_proxy.proxy"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        if probe.returncode != 0:
+            pytest.skip(
+                f"needs uid {PROXY_ID} to be able to run {sys.executable} and import meshid "
+                f"(the interpreter or the code is unreadable to it): {probe.stderr.strip()}"
+            )
+    else:
+        drop = ["setpriv", f"--regid={PROXY_ID}", "--clear-groups"]
+        flags = ["--uid", str(PROXY_ID), "--gid", str(PROXY_ID)]
+    ports = ["--inbound-port", str(INBOUND_PORT), "--outbound-port", str(OUTBOUND_PORT)]
+    rules = [*flags, *ports]
+    processes: list[_Process] = []
+    folder = Path(tempfile.mkdtemp(prefix="meshid-transparent-"))
+    folder.chmod(0o755)  # pytest's tmp_path is 0700 root: the proxies' uid could not enter it
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        client_ns, server_ns = stack.enter_context(_namespaces())
+        stack.callback(lambda: [p.stop() for p in processes])
+
+        def start(ns: str, argv: list[str], ready: str) -> _Process:
+            process = _Process(_in(ns, *argv), env)
+            processes.append(process)
+            process.wait_for(lambda line: ready in line, ready)
+            return process
+
+        def sidecar(ns: str, config: Path) -> _Process:
+            argv = [*drop, sys.executable, "-m", "meshid", "proxy", "run", "--config", str(config)]
+            return start(ns, argv, READY_LINE)
+
+        def raw_get(host: str, port: int) -> str:
+            done = _run_in(client_ns, env, sys.executable, "-c", RAW_GET, host, str(port))
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        configs = _write_configs(folder, PROXY_ID if exclusion == "uid" else 0)
+        # The rules, in both namespaces; applying twice leaves one copy.
+        for ns in (client_ns, server_ns, server_ns):
+            applied = _meshid_in(ns, env, "proxy", "iptables", *rules, "--apply")
+            assert applied.returncode == 0, applied.stderr
+        saved = _nat(server_ns)
+        assert saved.count("-j MESHID_INBOUND\n") == 1
+        assert saved.count(f"--uid-owner {PROXY_ID} -j RETURN") == 1
+
+        start(server_ns, [sys.executable, "-c", APP, str(APP_PORT)], "app ready")
+        web = sidecar(server_ns, configs["web"])
+        client = sidecar(client_ns, configs["client"])
+
+        # The client app dials the server's address; it names no proxy.
+        got = _run_in(
+            client_ns, env, sys.executable, "-c", GET, f"http://{SERVER_IP}:{APP_PORT}/hi"
+        )
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["x-forwarded-client-cert"] == f"By={WEB};URI={CLIENT}"
+        out = client.record(type="request", path="/hi")
+        assert (out["direction"], out["peer_id"], out["upstream"], out["status"]) == (
+            "outbound",
+            WEB,
+            f"{SERVER_IP}:{APP_PORT}",
+            200,
+        )
+        into = web.record(type="request", path="/hi")
+        assert (into["direction"], into["peer_id"], into["upstream"], into["status"]) == (
+            "inbound",
+            CLIENT,
+            f"127.0.0.1:{APP_PORT}",
+            200,
+        )
+        assert into["source"].startswith(f"{CLIENT_IP}:")
+
+        # Straight to the outbound listener (loopback is never redirected): refused, unrelayed.
+        assert raw_get("127.0.0.1", OUTBOUND_PORT) == ""
+        assert client.record(type="connection", error="no_original_dst")["upstream"] is None
+        client.wait_for(
+            lambda line: "transparent connection refused" in line and "not redirected" in line,
+            "the outbound refusal in the log",
+        )
+        # To the far sidecar's own port: redirected onto itself there, so refused there, and
+        # the outbound side answers 502 instead of looping.
+        assert raw_get(SERVER_IP, INBOUND_PORT).startswith("HTTP/1.1 502 ")
+        web.record(type="connection", error="no_original_dst")
+
+        if exclusion == "gid":  # rules excluding someone else: the proxy's upstream comes back
+            wrong = _meshid_in(
+                client_ns, env, "proxy", "iptables", "--uid", "4242", *ports, "--apply"
+            )
+            assert wrong.returncode == 0, wrong.stderr
+            assert raw_get(SERVER_IP, APP_PORT).startswith("HTTP/1.1 502 ")
+            client.wait_for(
+                lambda line: "comes from the proxy's own upstream connection" in line,
+                "the loop refused in the log",
+            )
+
+        if exclusion == "uid":  # not root: --apply fails in one line
+            denied = _run_in(
+                server_ns, env, *drop, sys.executable, "-m", "meshid", "proxy", "iptables",
+                *rules, "--apply",
+            )  # fmt: skip
+            assert denied.returncode == 1
+            assert denied.stderr.startswith("meshid: iptables-save -t nat failed (exit ")
+            assert denied.stderr.count("\n") == 1
+
+        for ns in (client_ns, server_ns):
+            cleaned = _meshid_in(ns, env, "proxy", "iptables", "--clean", "--apply")
+            assert cleaned.returncode == 0, cleaned.stderr
+            assert "MESHID" not in _nat(ns)
+        for process in processes:
+            process.stop()
+        assert [p.proc.returncode for p in processes[1:]] == [0, 0]  # both sidecars drained
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert client_ns not in listed.stdout and server_ns not in listed.stdout
+    assert not folder.exists()
