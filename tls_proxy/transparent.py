@@ -22,8 +22,10 @@ Pure core, no I/O:
   destination; inbound: the same port on loopback, the app's real port), or raises
   ``NoOriginalDestination`` when it was not redirected or would loop back into the proxy.
 
-Thin shell: ``original_dst`` (``getsockopt(SOL_IP, SO_ORIGINAL_DST)``), ``apply`` and ``clean``
-(run iptables-save and iptables-restore). It must not open listeners nor decide policy.
+Thin shell: ``original_dst`` (``getsockopt(SOL_IP, SO_ORIGINAL_DST)``) and ``destination``
+(which also refuses the proxy's own connections coming back, known by ``OwnConnections``, the
+source ports of the upstream connections it is opening), ``apply`` and ``clean`` (run
+iptables-save and iptables-restore). It must not open listeners nor decide policy.
 
 The rules are IPv4 only (``iptables``; IPv6 traffic is not redirected). ``original_dst`` also
 reads IPv6 destinations (``IP6T_SO_ORIGINAL_DST``) for ip6tables rules an operator writes.
