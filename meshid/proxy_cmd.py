@@ -1,5 +1,5 @@
-"""``meshid proxy run`` and ``meshid proxy wait``: run the mTLS sidecar, and hold an app until
-its sidecar is ready."""
+"""``meshid proxy run``, ``meshid proxy wait`` and ``meshid proxy iptables``: run the mTLS
+sidecar, hold an app until its sidecar is ready, and steer the app's TCP through it."""
 
 from __future__ import annotations
 
@@ -74,3 +74,93 @@ def proxy_wait(
             last = str(getattr(err, "reason", err))
         time.sleep(WAIT_POLL)
     _fail(f"proxy at {admin} not ready after {timeout:g}s ({last})")
+
+
+@proxy_app.command("iptables")
+def proxy_iptables(
+    uid: Annotated[
+        int | None, typer.Option("--uid", help="The uid the proxy runs as: never redirected.")
+    ] = None,
+    inbound_port: Annotated[
+        int | None, typer.Option("--inbound-port", help="The transparent inbound listener.")
+    ] = None,
+    outbound_port: Annotated[
+        int | None, typer.Option("--outbound-port", help="The transparent outbound listener.")
+    ] = None,
+    gid: Annotated[
+        int | None, typer.Option("--gid", help="Also never redirect this gid's traffic.")
+    ] = None,
+    include_inbound_ports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--include-inbound-ports",
+            metavar="PORTS",
+            help="Redirect only these inbound ports (* all).",
+        ),
+    ] = None,
+    exclude_inbound_ports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude-inbound-ports",
+            metavar="PORTS",
+            help="Inbound ports not redirected (e.g. 22).",
+        ),
+    ] = None,
+    exclude_outbound_ports: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude-outbound-ports", metavar="PORTS", help="Destination ports not redirected."
+        ),
+    ] = None,
+    exclude_outbound_cidrs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude-outbound-cidrs",
+            metavar="CIDRS",
+            help="Destination IPv4 networks not redirected.",
+        ),
+    ] = None,
+    apply: Annotated[
+        bool, typer.Option("--apply", help="Apply with iptables-restore instead of printing.")
+    ] = False,
+    clean: Annotated[
+        bool, typer.Option("--clean", help="Remove meshid's chains (other options are ignored).")
+    ] = False,
+) -> None:
+    """Print (or --apply) the nat-table REDIRECT rules of transparent mode; --clean removes them.
+
+    Printed rules are iptables-restore input: iptables-restore --noflush < FILE.
+    """
+    from tls_proxy import ProxyError, transparent
+
+    try:
+        if clean:
+            if not apply:
+                script = transparent.clean_script(transparent.NatState.installed())
+                assert script is not None
+                typer.echo(script, nl=False)
+            elif transparent.clean():
+                typer.echo("Removed meshid's transparent-mode chains from the nat table.")
+            else:
+                typer.echo("No meshid chains in the nat table; nothing to remove.")
+            return
+        options = transparent.options_from_flags(
+            uid=uid,
+            gid=gid,
+            inbound_port=inbound_port,
+            outbound_port=outbound_port,
+            include_inbound_ports=include_inbound_ports or (),
+            exclude_inbound_ports=exclude_inbound_ports or (),
+            exclude_outbound_ports=exclude_outbound_ports or (),
+            exclude_outbound_cidrs=exclude_outbound_cidrs or (),
+        )
+        if not apply:
+            typer.echo(transparent.restore_script(options), nl=False)
+            return
+        transparent.apply(options)
+    except ProxyError as err:
+        _fail(str(err))
+    typer.echo(
+        f"Applied transparent mode to the nat table: inbound TCP -> port {options.inbound_port}, "
+        f"outbound TCP -> port {options.outbound_port}, uid {options.uid} not redirected."
+    )

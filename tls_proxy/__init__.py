@@ -2,13 +2,21 @@
 
 Owns listeners (inbound mTLS, outbound mTLS), identity from files or the Workload API, SPIFFE
 verification of peers, the filter chain, the HTTP/1.1 codec (``http1``, registered in
-``codecs``) and the admin server. HTTP/2, upstream pools, load balancing beyond round robin and
-transparent mode land later, as filters and codecs behind the same listener code. It must not
+``codecs``), the admin server and transparent mode (``transparent``: iptables rules and the
+original destination). HTTP/2, upstream pools and load balancing beyond round robin land
+later, as filters and codecs behind the same listener code. It must not
 evaluate policy itself: it calls ``authz``.
 """
 
 from .config import ProxyConfig, load_config, parse_config
-from .errors import ConfigError, IdentityError, PeerRejected, ProxyError, RejectReason
+from .errors import (
+    ConfigError,
+    IdentityError,
+    NoOriginalDestination,
+    PeerRejected,
+    ProxyError,
+    RejectReason,
+)
 from .identity import (
     FileIdentitySource,
     IdentitySnapshot,
@@ -25,6 +33,7 @@ __all__ = [
     "IdentityError",
     "IdentitySnapshot",
     "IdentitySource",
+    "NoOriginalDestination",
     "PeerRejected",
     "Proxy",
     "ProxyConfig",

@@ -43,6 +43,11 @@ DEFAULT_HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its comp
 DEFAULT_KEEPALIVE_TIMEOUT = 60.0  # seconds an idle keep-alive connection waits for a request
 # Identity headers only the inbound proxy may set; a client's copies are removed.
 DEFAULT_IDENTITY_HEADERS = ("x-forwarded-client-cert",)
+# Transparent mode (docs/proxy.md): `forward: original_dst` / `upstream: original_dst` relay
+# each connection to where the iptables REDIRECT rules found it going.
+ORIGINAL_DST = "original_dst"
+# iptables REDIRECT in OUTPUT delivers to 127.0.0.1 (ip6tables: ::1); a wildcard also hears it.
+TRANSPARENT_OUTBOUND_HOSTS = frozenset({"127.0.0.1", "0.0.0.0", "::1", "::"})  # noqa: S104
 
 
 class _Model(BaseModel):
@@ -133,10 +138,26 @@ class HttpConfig(_Model):
 class InboundConfig(_Model):
     name: str = Field(min_length=1)
     listen: str
-    forward: str
+    forward: str  # HOST:PORT, or original_dst: 127.0.0.1:<the port the peer dialed>
     protocol: Protocol = "tcp"
 
-    _addresses = field_validator("listen", "forward")(classmethod(lambda cls, v: _check_address(v)))
+    _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
+
+    @field_validator("forward")
+    @classmethod
+    def _forward(cls, value: str) -> str:
+        if value == ORIGINAL_DST:
+            return value
+        try:
+            return _check_address(value)
+        except ValueError:
+            raise ValueError(
+                f"expected HOST:PORT with a port in 0..65535, or {ORIGINAL_DST} (got {value!r})"
+            ) from None
+
+    @property
+    def transparent(self) -> bool:
+        return self.forward == ORIGINAL_DST
 
 
 class OutboundConfig(_Model):
@@ -148,12 +169,35 @@ class OutboundConfig(_Model):
 
     _listen = field_validator("listen")(classmethod(lambda cls, v: _check_address(v)))
 
+    @field_validator("upstream", mode="before")
+    @classmethod
+    def _original_dst(cls, value: object) -> object:
+        return (value,) if value == ORIGINAL_DST else value
+
     @field_validator("upstream")
     @classmethod
     def _upstreams(cls, values: tuple[str, ...]) -> tuple[str, ...]:
+        if ORIGINAL_DST in values:
+            if len(values) > 1:
+                raise ValueError(f"expected {ORIGINAL_DST} alone or a list of HOST:PORT, not both")
+            return values
         for value in values:
             _check_address(value)
         return values
+
+    @model_validator(mode="after")
+    def _transparent_listen(self) -> OutboundConfig:
+        host = split_address(self.listen)[0]
+        if self.transparent and host not in TRANSPARENT_OUTBOUND_HOSTS:
+            raise ValueError(
+                f"expected listen on 127.0.0.1 or 0.0.0.0 with upstream: {ORIGINAL_DST} "
+                f"(REDIRECT delivers a local app's connections to 127.0.0.1; got {host!r})"
+            )
+        return self
+
+    @property
+    def transparent(self) -> bool:
+        return self.upstream == (ORIGINAL_DST,)
 
     @field_validator("expect_ids")
     @classmethod

@@ -1,8 +1,9 @@
 """Errors of the proxy package.
 
 ``ProxyError`` is the package root. ``ConfigError`` (the proxy configuration is invalid),
-``IdentityError`` (no usable SVID or bundle) and ``PeerRejected`` (a TLS peer failed SPIFFE
-authentication) are the subclasses callers branch on.
+``IdentityError`` (no usable SVID or bundle), ``PeerRejected`` (a TLS peer failed SPIFFE
+authentication) and ``NoOriginalDestination`` (a transparent listener cannot tell where a
+connection was going) are the subclasses callers branch on.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class RejectReason(StrEnum):
     UNEXPECTED_ID = "unexpected_id"
     NOT_AN_SVID = "not_an_svid"
     HANDSHAKE_FAILED = "handshake_failed"
+
+
+class NoOriginalDestination(ProxyError):
+    """A connection to a transparent listener has no usable original destination (it was not
+    redirected, or it would loop back to the proxy); the listener refuses it."""
 
 
 class PeerRejected(ProxyError):

@@ -13,6 +13,11 @@ HTTP/2 are handed, authenticated, to the codec ``codecs.CODECS`` names, with a w
 the upstream (inbound: plain TCP to ``forward``; outbound: mTLS with ``expect_ids`` checked)
 and, inbound, the ``x-forwarded-client-cert`` value of the verified peer.
 
+Transparent listeners (``forward``/``upstream: original_dst``) first recover where an accepted
+connection was going (``transparent.destination``: the NAT entry of the iptables REDIRECT) and
+relay it there (outbound) or to that port on loopback (inbound); one that was not redirected,
+or would loop back into the proxy, is refused and logged before any byte is read.
+
 It must not decide policy (the ``authz`` filter asks ``authz``) nor know which filters or
 codecs exist: new filters and codecs slot in through the chain and ``CODECS``, not here.
 
@@ -41,7 +46,7 @@ from .config import (
 )
 from .config import split_address as split
 from .detect import Detected, sniff
-from .errors import ConfigError, PeerRejected, RejectReason
+from .errors import ConfigError, NoOriginalDestination, PeerRejected, RejectReason
 from .filters.base import Connection, FilterChain
 from .l7 import HttpSession, Upstream, UpstreamProtocol, xfcc_value
 from .relay import CHUNK as CHUNK_DETECT
@@ -50,6 +55,7 @@ from .relay import set_nodelay as _nodelay
 from .relay import splice
 from .spiffe_verify import verify_peer
 from .tls import ALPN_H2, TlsContexts, classify_ssl_error, peer_chain_der
+from .transparent import OwnConnections, destination
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +77,8 @@ class _Listener:
     """Accepting, tracking in-flight connections and draining them."""
 
     direction: str
+    transparent = False  # relay to each connection's original destination (SO_ORIGINAL_DST)
+    _own: OwnConnections | None = None  # transparent outbound: our upstream connections
 
     def __init__(
         self,
@@ -125,6 +133,8 @@ class _Listener:
         )
         try:
             _nodelay(writer)
+            if self.transparent and not self._redirected(writer, conn):
+                return
             await self._serve(reader, writer, conn)
         except (OSError, ssl.SSLError, TimeoutError) as err:
             conn.error = conn.error or type(err).__name__
@@ -143,6 +153,25 @@ class _Listener:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
     ) -> None:
         raise NotImplementedError
+
+    def _redirected(self, writer: asyncio.StreamWriter, conn: Connection) -> bool:
+        """Transparent mode: record where the connection was going (``conn.upstream``; policy
+        sees its port), or refuse it, logged, when that is unknown or would loop back here."""
+        try:
+            original, target = destination(
+                writer.get_extra_info("socket"), inbound=self.direction == "inbound", own=self._own
+            )
+        except NoOriginalDestination as err:
+            conn.error = "no_original_dst"
+            conn.detail = str(err)
+            log.info(
+                "transparent connection refused",
+                extra={"listener": self.name, "source": conn.source, "reason": str(err)},
+            )
+            return False
+        conn.upstream = str(target)
+        conn.destination_port = original.port
+        return True
 
     def _rejected(self, conn: Connection, reason: RejectReason, detail: str) -> None:
         conn.result = "rejected"
@@ -277,13 +306,18 @@ class InboundListener(_Listener):
             http or HttpConfig(),
         )
         self.config = config
+        self.transparent = config.transparent
 
     async def _open_forward(
         self, conn: Connection, protocol: UpstreamProtocol | None = None
     ) -> Upstream | None:
         """A plain connection to the local app (``protocol``: h2 is h2c with prior knowledge)."""
-        host, port = split(self.config.forward)
-        conn.upstream = self.config.forward
+        forward = self.config.forward
+        if self.transparent:
+            assert conn.upstream is not None  # set by _redirected before _serve
+            forward = conn.upstream
+        host, port = split(forward)
+        conn.upstream = forward
         try:
             opened = await asyncio.wait_for(
                 asyncio.open_connection(host, port), self._timeouts.connect
@@ -377,6 +411,8 @@ class OutboundListener(_Listener):
         self.config = config
         self._next = itertools.cycle(range(len(config.upstream)))
         self._expect = frozenset(config.expect_ids)
+        self.transparent = config.transparent
+        self._own = OwnConnections() if config.transparent else None
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
@@ -423,6 +459,9 @@ class OutboundListener(_Listener):
         state = self._tls.current()
         start = next(self._next)  # round robin; fail over in list order from there
         upstreams = self.config.upstream
+        if self.transparent:
+            assert conn.upstream is not None  # set by _redirected before _serve
+            upstreams = (conn.upstream,)
         opened: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         for offset in range(len(upstreams)):
             address = upstreams[(start + offset) % len(upstreams)]
@@ -430,7 +469,11 @@ class OutboundListener(_Listener):
             host, port = split(address)
             try:
                 opened = await asyncio.wait_for(
-                    asyncio.open_connection(
+                    (
+                        self._own.open_connection
+                        if self._own is not None
+                        else asyncio.open_connection
+                    )(
                         host,
                         port,
                         ssl=state.client_for(protocol),
