@@ -12,11 +12,14 @@ from datetime import datetime
 import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spiffe import SpiffeId, TrustDomain
 
 from ca.errors import InvalidArgument, InvalidSvid
 from ca.keys import KeyType
 from ca.validation import (
+    _tbs_names,
     check_signed_x509_svid,
     parse_spiffe_id,
     validate_signing_certificate,
@@ -402,3 +405,32 @@ def test_verify_chain_argument_errors() -> None:
         verify_chain([], [root.certificate], now=NOW)
     with pytest.raises(InvalidArgument, match=r"^now: must be a timezone-aware"):
         verify_chain(_signed_chain(root), [root.certificate], now=NOW.replace(tzinfo=None))
+
+
+@given(
+    names=st.lists(
+        st.text(
+            alphabet=st.characters(min_codepoint=32, max_codepoint=0x2FF), min_size=1, max_size=64
+        ),
+        max_size=6,
+    )
+)
+@settings(max_examples=40, deadline=None)
+def test_the_tbs_names_read_from_der_are_the_names_cryptography_parses(names: list[str]) -> None:
+    """The self-check compares issuer and subject as DER cut from the TBSCertificate; for any
+    subject (empty, short, past the 127-byte short length form) that is exactly what
+    cryptography encodes for the parsed names."""
+    root = root_authority()
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, n) for n in names])
+    leaf = craft_leaf(root, subject=subject, san_critical=not names)
+    assert _tbs_names(leaf) == (leaf.issuer.public_bytes(), leaf.subject.public_bytes())
+    assert _tbs_names(root.certificate)[0] == root.certificate.issuer.public_bytes()
+
+
+def test_a_malformed_tbs_is_refused_not_crashed() -> None:
+    class Broken:
+        tbs_certificate_bytes = b"\x30\x82\xff"
+        serial_number = 1
+
+    with pytest.raises(InvalidSvid, match="malformed TBSCertificate"):
+        _tbs_names(Broken())  # type: ignore[arg-type]
