@@ -827,7 +827,7 @@ class CaService:
                 )
             )
         with self.store.write() as tx:
-            tx.append_audit_batch(records)
+            tx.append_audit_batch(records, returning=False)
         return issued
 
     def mint_jwt_svid(

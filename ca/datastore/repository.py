@@ -463,11 +463,14 @@ class Tx:
         record = AuditRecord(kind, actor, now, spiffe_id, details or {}, authority_id, not_after)
         return self.append_audit_batch([record])[0]
 
-    def append_audit_batch(self, records: Sequence[AuditRecord]) -> list[AuditEvent]:
+    def append_audit_batch(
+        self, records: Sequence[AuditRecord], *, returning: bool = True
+    ) -> list[AuditEvent]:
         """Append events in order with one head lock and one multi-row insert.
 
         The head is locked first (an UPDATE), so concurrent appenders, on this replica or
-        another, queue here and the chain stays linear.
+        another, queue here and the chain stays linear. ``returning=False`` skips building the
+        stored events (the signing path only needs them written) and returns an empty list.
         """
         if not records:
             return []
@@ -509,12 +512,13 @@ class Tx:
                     digest,
                 )
             )  # in the order of _AUDIT_COLUMNS
-            events.append(
-                AuditEvent(
-                    seq, at, rec.kind, rec.actor, rec.spiffe_id, dict(rec.details), prev_hash,
-                    digest,
-                )
-            )  # fmt: skip
+            if returning:
+                events.append(
+                    AuditEvent(
+                        seq, at, rec.kind, rec.actor, rec.spiffe_id, dict(rec.details),
+                        prev_hash, digest,
+                    )
+                )  # fmt: skip
             prev_hash = digest
         sql, positional = _audit_insert(conn.dialect)
         if positional:
