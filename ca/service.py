@@ -222,6 +222,7 @@ class CaService:
     def start(self, actor: str = "server") -> None:
         """Migrate, make sure an authority is active, record the start."""
         self.store.migrate()
+        self.store.start_checkpointer()
         self.rotate(actor=actor)
         with self.store.write() as tx:
             tx.append_audit(

@@ -7,6 +7,9 @@ recording the change, so a change and its audit record commit or vanish together
 SQLite runs in WAL mode with foreign keys on and ``synchronous=FULL`` (an acknowledged write
 survives a crash of the process or the machine); write transactions start with ``BEGIN
 IMMEDIATE`` so concurrent writers queue on the busy timeout instead of failing on lock upgrade.
+Checkpoints (copying the WAL back into the database file) run on a background thread started
+with the service (``start_checkpointer``), off the path of the transaction that happens to
+cross the WAL threshold; SQLite's own auto-checkpoint stays on at a higher threshold as a net.
 PostgreSQL serialises audit appends on the ``audit_head`` row lock, which also orders the chain
 across server replicas.
 """
@@ -14,6 +17,9 @@ across server replicas.
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -57,6 +63,12 @@ from .models import (
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000  # writers queue behind each other rather than fail
+# The background checkpointer runs every CHECKPOINT_INTERVAL seconds; a committing transaction
+# checkpoints itself only past WAL_AUTOCHECKPOINT_PAGES (SQLite's default is 1000: ~4 MiB).
+CHECKPOINT_INTERVAL = 1.0
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+
+log = logging.getLogger(__name__)
 BUNDLE_SEQUENCE = "bundle_sequence"
 MIGRATION_LOCK = 0x6D65736869640001  # pg advisory lock key ("meshid" + 1), held while migrating
 
@@ -82,6 +94,7 @@ def _make_engine(url: str) -> Engine:
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA synchronous=FULL")
             cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cur.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
             cur.close()
 
         @event.listens_for(engine, "begin")
@@ -161,6 +174,16 @@ class Datastore:
         self.url = url
         self.engine = _make_engine(url)
         self.backend = self.engine.dialect.name
+        self._checkpointer: _Checkpointer | None = None
+
+    def start_checkpointer(self, interval: float = CHECKPOINT_INTERVAL) -> None:
+        """SQLite files: checkpoint the WAL every ``interval`` seconds on a background thread
+        until ``close`` (a no-op for other backends and in-memory databases)."""
+        database = make_url(self.url).database
+        if self.backend != "sqlite" or not database or database == ":memory:":
+            return
+        if self._checkpointer is None:
+            self._checkpointer = _Checkpointer(database, interval)
 
     def migrate(self) -> None:
         """Run Alembic migrations to head and make sure the singleton rows exist."""
@@ -180,6 +203,9 @@ class Datastore:
             raise DatastoreError(f"cannot migrate the datastore: {err}") from err
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         self.engine.dispose()
 
     @contextmanager
@@ -205,6 +231,38 @@ class Datastore:
             raise DatastoreError(f"datastore error: {err}") from err
         finally:
             conn.close()
+
+
+class _Checkpointer:
+    """``PRAGMA wal_checkpoint(PASSIVE)`` on its own connection every ``interval`` seconds.
+
+    PASSIVE copies what it can without waiting for readers or blocking writers, so it never
+    delays a transaction; sqlite3 releases the GIL while it works. Failures are logged and the
+    next round tries again (auto-checkpoint remains the net).
+    """
+
+    def __init__(self, database: str, interval: float) -> None:
+        self._database = database
+        self._interval = interval
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sqlite-checkpointer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        conn = sqlite3.connect(self._database, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            while not self._stopping.wait(self._interval):
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as err:
+                    log.warning("WAL checkpoint failed", extra={"error": str(err)})
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join()
 
 
 def _dump(values: Sequence[str]) -> str:

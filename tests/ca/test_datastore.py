@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 from spiffe import TrustDomain
@@ -175,3 +177,35 @@ def test_join_token_single_use_and_expiry(store: Datastore) -> None:
     with store.write() as tx:
         assert tx.redeem_token("h1", NOW) is None
         assert tx.redeem_token("h2", NOW + timedelta(seconds=2)) is None
+
+
+def test_the_background_checkpointer_moves_the_wal_into_the_database(tmp_path: Path) -> None:
+    """Committed pages reach the database file without a transaction paying for it: the
+    checkpointer thread copies them while nothing else writes, and ``close`` stops it."""
+    db = tmp_path / "ca.sqlite3"
+    ds = Datastore(f"sqlite:///{db}")
+    ds.migrate()
+    with ds.write() as tx:
+        for i in range(300):
+            tx.append_audit(kind="entry.created", actor="uid:0", now=NOW, details={"i": i})
+    size = db.stat().st_size  # the WAL holds those pages; the threshold is far away
+    ds.start_checkpointer(interval=0.02)
+    checkpointer = ds._checkpointer
+    assert checkpointer is not None
+    deadline = time.monotonic() + 10
+    while db.stat().st_size == size:
+        assert time.monotonic() < deadline, "no checkpoint within 10 s"
+        time.sleep(0.02)
+    ds.close()
+    assert not checkpointer._thread.is_alive()
+    reopened = Datastore(f"sqlite:///{db}")
+    with reopened.read() as tx:  # and the data is whole
+        assert tx.audit_head()[0] >= 300
+    reopened.close()
+
+
+def test_no_checkpointer_where_there_is_no_sqlite_file() -> None:
+    ds = Datastore("sqlite://")
+    ds.start_checkpointer()
+    assert ds._checkpointer is None
+    ds.close()
