@@ -4,7 +4,6 @@ its sidecar is ready."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import time
 import urllib.error
 import urllib.request
@@ -32,6 +31,7 @@ def proxy_run(
     """Run the proxy in the foreground; SIGTERM drains, SIGHUP reloads identity files and policy."""
     from tls_proxy import ProxyError, load_config
     from tls_proxy.proxy import Proxy
+    from tls_proxy.runtime import install_signals, select_loop
 
     try:
         cfg = load_config(config)
@@ -39,16 +39,15 @@ def proxy_run(
     except ProxyError as err:
         _fail(str(err))
     setup_logging(cfg.log_level)
+    loop_factory, _ = select_loop(cfg.runtime.uvloop)
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, proxy.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, proxy.reload)
+        install_signals(proxy.request_stop, proxy.reload)
         await proxy.run()
 
     try:
-        asyncio.run(main())
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(main())
     except ProxyError as err:
         _fail(str(err))
 

@@ -129,6 +129,12 @@ class HttpConfig(_Model):
         return out
 
 
+class RuntimeConfig(_Model):
+    """How the proxy process runs (docs/proxy.md, "Runtime")."""
+
+    uvloop: bool = True  # use uvloop when it is installed; asyncio's loop otherwise
+
+
 class InboundConfig(_Model):
     name: str = Field(min_length=1)
     listen: str
@@ -227,6 +233,7 @@ class ProxyConfig(_Model):
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     debug: bool = False  # adds x-meshid-denied-by to 403s: names policies to the caller
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

@@ -25,11 +25,15 @@ both ways once the data before it is written.
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import itertools
 import logging
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from .codecs import CODECS
 from .config import (
@@ -49,11 +53,14 @@ from .relay import close_stream as _close
 from .relay import set_nodelay as _nodelay
 from .relay import splice
 from .spiffe_verify import verify_peer
-from .tls import ALPN_H2, TlsContexts, classify_ssl_error, peer_chain_der
+from .tls import ALPN_H2, TlsContexts, TlsState, classify_ssl_error, peer_chain_der
 
 log = logging.getLogger(__name__)
 
 DETECT_TIMEOUT = 1.0  # seconds `auto` waits for a client's first bytes before assuming TCP
+ACCEPT_BACKOFF = 0.1  # seconds before accepting again when out of file descriptors or memory
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+LISTEN_BACKLOG = 1024  # pending connections per listening socket (asyncio's default is 100)
 
 Clock = Callable[[], datetime]
 
@@ -65,6 +72,61 @@ def check_protocol(name: str, protocol: str) -> None:
             f"listener {name!r}: not yet supported: protocol {protocol} "
             "(lands with protocol detection); use protocol: tcp or http"
         )
+
+
+class _Acceptor:
+    """A listening socket accepted by hand, each raw socket handed to ``handle``.
+
+    Inbound connections start with TLS. asyncio's servers start reading an accepted socket
+    before their callback runs (uvloop within the same loop iteration), so a ClientHello would
+    land in a plain ``StreamReader`` and ``start_tls`` would wait for it forever. Accepting by
+    hand lets ``loop.connect_accepted_socket`` run the handshake from the first byte, with the
+    TLS context current at that moment. Same ``close``/``wait_closed`` as ``asyncio.Server``.
+    """
+
+    def __init__(
+        self, sock: socket.socket, handle: Callable[[socket.socket], Coroutine[Any, Any, None]]
+    ) -> None:
+        self.sockets = [sock]
+        self._handle = handle
+        self._connections: set[asyncio.Task[None]] = set()  # a reference until each ends
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sockets[0]
+        while True:
+            try:
+                client, _ = await loop.sock_accept(sock)
+            except OSError as err:
+                if err.errno not in _ACCEPT_RETRY:
+                    raise
+                log.error("accept failed; retrying", extra={"error": str(err)})
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            client.setblocking(False)
+            task = loop.create_task(self._handle(client))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.sockets[0].close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (the first address ``host`` resolves to)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, address = infos[0]
+    sock = socket.create_server(address[:2], family=family, backlog=LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
 
 
 class _Listener:
@@ -91,7 +153,7 @@ class _Listener:
         self._chain = chain
         self._timeouts = timeouts
         self._clock = clock
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.base_events.Server | _Acceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._drain_event = asyncio.Event()  # tells L7 codecs to send GOAWAY / stop
@@ -111,10 +173,22 @@ class _Listener:
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's server callback: a plain TCP connection."""
+        _nodelay(writer)
+        serve = functools.partial(self._serve, reader, writer)
+        await self._handle(writer.get_extra_info("peername"), serve, writer)
+
+    async def _handle(
+        self,
+        peer: tuple[str, int] | None,
+        serve: Callable[[Connection], Awaitable[None]],
+        writer: asyncio.StreamWriter | None,
+    ) -> None:
+        """Run ``serve`` for one accepted connection: errors recorded, cleanup, ``on_close``."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        peer = writer.get_extra_info("peername") or ("?", 0)
+        peer = peer or ("?", 0)
         conn = Connection(
             listener=self.name,
             direction="inbound" if self.direction == "inbound" else "outbound",
@@ -124,8 +198,7 @@ class _Listener:
             protocol=self.protocol,
         )
         try:
-            _nodelay(writer)
-            await self._serve(reader, writer, conn)
+            await serve(conn)
         except (OSError, ssl.SSLError, TimeoutError) as err:
             conn.error = conn.error or type(err).__name__
             conn.detail = str(err)
@@ -298,19 +371,57 @@ class InboundListener(_Listener):
         _nodelay(opened[1])
         return opened
 
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
-    ) -> None:
+    async def start(self) -> None:
+        host, port = split(self.listen)
+        self._server = _Acceptor(await _bind(host, port), self._accept_tls)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info(
+            "listener started",
+            extra={"listener": self.name, "direction": self.direction, "port": self.port},
+        )
+
+    async def _accept_tls(self, sock: socket.socket) -> None:
+        try:
+            peer = sock.getpeername()
+        except OSError:  # already gone
+            sock.close()
+            return
+        await self._handle(peer, functools.partial(self._serve_tls, sock), None)
+
+    async def _serve_tls(self, sock: socket.socket, conn: Connection) -> None:
+        """The TLS handshake over the accepted socket, then ``_serve``."""
+        loop = asyncio.get_running_loop()
         state = self._tls.current()
         conn.local_id = state.snapshot.spiffe_id
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
-            await writer.start_tls(state.server, ssl_handshake_timeout=self._timeouts.handshake)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=state.server,
+                ssl_handshake_timeout=self._timeouts.handshake,
+            )
         except ssl.SSLError as err:
             self._rejected(conn, classify_ssl_error(err), str(err))
             return
         except (OSError, TimeoutError, ConnectionError) as err:
             self._rejected(conn, RejectReason.HANDSHAKE_FAILED, f"{type(err).__name__}: {err}")
-            return
+            return  # the failed transport has closed the socket
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            await self._serve(reader, writer, conn, state)
+        finally:
+            await _close(writer)
+
+    async def _serve(  # type: ignore[override]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: Connection,
+        state: TlsState,
+    ) -> None:
         chain = peer_chain_der(writer.get_extra_info("ssl_object"))
         try:
             peer = verify_peer(chain, state.snapshot.bundles, now=self._clock())

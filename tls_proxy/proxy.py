@@ -29,6 +29,7 @@ from .jwt_auth import JwtBundleStore
 from .listeners import InboundListener, Listener, OutboundListener, check_protocol
 from .metrics import ProxyMetrics
 from .policy_source import PolicySource
+from .runtime import loop_name
 from .tls import TlsContexts
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,7 @@ class Proxy:
         log.info(
             READY_LINE,
             extra={
+                "event_loop": loop_name(asyncio.get_running_loop()),
                 "spiffe_id": snapshot.spiffe_id,
                 "admin_port": self.admin.port,
                 "listeners": ",".join(f"{x.name}={x.port}" for x in self.listeners),
@@ -177,6 +179,7 @@ class Proxy:
                 pass
             else:
                 data["effective"] = {
+                    "event_loop": loop_name(asyncio.get_running_loop()),
                     "spiffe_id": snapshot.spiffe_id,
                     "trust_domains": sorted(snapshot.bundles),
                     "listeners": {x.name: x.port for x in self.listeners},
