@@ -23,6 +23,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Literal
@@ -47,7 +48,7 @@ from .l7 import (
     wants_upgrade,
 )
 from .path import PathError, normalize_path
-from .relay import CHUNK, close_stream, drain, splice
+from .relay import CHUNK, Deadline, close_stream, drain, splice
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class _Http1:
         self.up: h11.Connection | None = None
         self.upstream: Upstream | None = None
         self.begun = False  # a byte of the current request has arrived
+        self.deadline = Deadline()  # bounds the reads and writes of this (the connection's) task
         if session.prefix:  # read by protocol detection: the start of the first request
             self.conn.bytes_in += len(session.prefix)
             self.down.receive_data(session.prefix)
@@ -93,6 +95,7 @@ class _Http1:
                 self._next_cycle_down()
                 await self._next_cycle_up()
         finally:
+            self.deadline.close()
             await self._drop_upstream()
 
     # -- one request ---------------------------------------------------------------------
@@ -153,12 +156,11 @@ class _Http1:
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
-            if deadline is None:
-                timeout = settings.keepalive_timeout
-            else:
-                timeout = max(0.0, deadline - loop.time())
             try:
-                data = await asyncio.wait_for(self.reader.read(CHUNK), timeout)
+                data = await self._recv(
+                    self.reader,
+                    loop.time() + settings.keepalive_timeout if deadline is None else deadline,
+                )
             except TimeoutError as err:
                 if deadline is None:
                     return None  # idle keep-alive connection: close quietly (RFC 9112 §9.5)
@@ -218,16 +220,55 @@ class _Http1:
         if upstream is None:
             raise _UpstreamFailed(self.conn.detail or "upstream unreachable")
         ex.result = "allowed"
-        await self._send_up(
-            h11.Request(method=request.method, target=target.encode("ascii"), headers=forwarded)
+        outgoing = h11.Request(
+            method=request.method, target=target.encode("ascii"), headers=forwarded
         )
-        return await self._relay(ex)
+        return await self._forward(outgoing, ex, streaming=upgrade or method == "CONNECT")
 
     # -- relaying ------------------------------------------------------------------------
 
+    async def _forward(self, head: h11.Request, ex: Exchange, *, streaming: bool) -> bool:
+        """Send the request upstream and relay the answer; True when the connection may
+        carry the next request.
+
+        The common case, a request whose body (often none) h11 already holds in full, goes
+        upstream in one write and its response is relayed by this task alone. A body still
+        arriving (or ``Expect: 100-continue``, an upgrade, CONNECT) needs both directions at
+        once: ``_relay`` runs them as two tasks.
+        """
+        assert self.up is not None
+        out = [self.up.send(head) or b""]
+        complete = False if streaming else self._buffered_body(out, ex)
+        await self._write_up(b"".join(out))
+        if not complete:
+            return await self._relay(ex)
+        if await self._pump_response(ex, self._recv_idle) == "switch":
+            await self._tunnel()
+            return False
+        return self.down.our_state is h11.DONE and self.down.their_state is h11.DONE
+
+    def _buffered_body(self, out: list[bytes], ex: Exchange) -> bool:
+        """Encode for upstream the request body h11 already holds; True once it is complete."""
+        assert self.up is not None
+        while True:
+            try:
+                event = self.down.next_event()
+            except h11.RemoteProtocolError as err:
+                raise HttpRejected(400, classify_h11_error(str(err)), str(err)) from err
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Data):
+                ex.bytes_in += len(event.data)
+                out.append(self.up.send(h11.Data(data=event.data)) or b"")
+            elif isinstance(event, h11.EndOfMessage):
+                out.append(self.up.send(h11.EndOfMessage()) or b"")
+                return True
+            else:
+                raise _ClientGone
+
     async def _relay(self, ex: Exchange) -> bool:
         requests = asyncio.ensure_future(self._pump_request(ex))
-        responses = asyncio.ensure_future(self._pump_response(ex))
+        responses = asyncio.ensure_future(self._pump_response(ex, self._recv_timed))
         try:
             done, _ = await asyncio.wait({requests, responses}, return_when=asyncio.FIRST_COMPLETED)
             if requests in done and requests.exception() is not None:
@@ -269,31 +310,42 @@ class _Http1:
             else:
                 raise _ClientGone
 
-    async def _pump_response(self, ex: Exchange) -> Literal["done", "switch"]:
-        """Response: upstream → downstream, 1xx included; ``switch`` after a protocol switch."""
+    async def _pump_response(
+        self, ex: Exchange, recv: Callable[[asyncio.StreamReader], Awaitable[bytes]]
+    ) -> Literal["done", "switch"]:
+        """Response: upstream → downstream, 1xx included; ``switch`` after a protocol switch.
+
+        What h11 renders is written once per batch of parsed events (a head, its body and its
+        end usually arrive together), not once per event; ``recv`` reads with the timeout.
+        """
         assert self.up is not None and self.upstream is not None
         up, (up_reader, _) = self.up, self.upstream
+        out: list[bytes] = []
         while True:
             try:
                 event = up.next_event()
             except h11.RemoteProtocolError as err:
                 raise _UpstreamFailed(f"invalid HTTP/1.1 from the upstream: {err}") from err
             if event is h11.NEED_DATA:
+                await self._flush_down(out)
                 try:
-                    data = await asyncio.wait_for(up_reader.read(CHUNK), self.s.idle)
+                    data = await recv(up_reader)
                 except (OSError, ssl.SSLError) as err:
                     raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
                 up.receive_data(data)
             elif isinstance(event, h11.InformationalResponse):
                 switching = event.status_code == 101
-                await self._send_down(
-                    h11.InformationalResponse(
-                        status_code=event.status_code,
-                        headers=forward_headers(event.headers.raw_items(), upgrade=switching),
-                        reason=event.reason,
+                out.append(
+                    self._render_down(
+                        h11.InformationalResponse(
+                            status_code=event.status_code,
+                            headers=forward_headers(event.headers.raw_items(), upgrade=switching),
+                            reason=event.reason,
+                        )
                     )
                 )
                 if switching:
+                    await self._flush_down(out)
                     return "switch"
             elif isinstance(event, h11.Response):
                 ex.status = event.status_code
@@ -305,20 +357,25 @@ class _Http1:
                     # A final answer before the body: the body will not be read, so the
                     # connection cannot carry another request (RFC 9110 §10.1.1).
                     headers.append((b"connection", b"close"))
-                await self._send_down(
-                    h11.Response(
-                        status_code=event.status_code, headers=headers, reason=event.reason
+                out.append(
+                    self._render_down(
+                        h11.Response(
+                            status_code=event.status_code, headers=headers, reason=event.reason
+                        )
                     )
                 )
                 if self.down.our_state is h11.SWITCHED_PROTOCOL:
+                    await self._flush_down(out)
                     return "switch"  # a 2xx to CONNECT
             elif isinstance(event, h11.Data):
                 ex.bytes_out += len(event.data)
-                await self._send_down(h11.Data(data=event.data))
+                out.append(self._render_down(h11.Data(data=event.data)))
             elif isinstance(event, h11.EndOfMessage):
-                await self._send_down(h11.EndOfMessage())
+                out.append(self._render_down(h11.EndOfMessage()))
+                await self._flush_down(out)
                 return "done"
             else:
+                await self._flush_down(out)
                 raise _UpstreamFailed("the upstream closed before the response ended")
 
     async def _tunnel(self) -> None:
@@ -347,9 +404,12 @@ class _Http1:
         ]
         if close:
             headers.append((b"connection", b"close"))
-        await self._send_down(h11.Response(status_code=answer.status, headers=headers))
-        await self._send_down(h11.Data(data=answer.body))
-        await self._send_down(h11.EndOfMessage())
+        out = [
+            self._render_down(h11.Response(status_code=answer.status, headers=headers)),
+            self._render_down(h11.Data(data=answer.body)),
+            self._render_down(h11.EndOfMessage()),
+        ]
+        await self._flush_down(out)
         return not close and self.down.our_state is h11.DONE
 
     def _discard_buffered_body(self) -> None:
@@ -389,16 +449,24 @@ class _Http1:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    async def _send_down(self, event: h11.Event) -> None:
-        data = self.down.send(event)
+    def _render_down(self, event: h11.Event) -> bytes:
+        return self.down.send(event) or b""
+
+    async def _flush_down(self, out: list[bytes]) -> None:
+        """Write what ``out`` holds toward the client in one write, then empty it."""
+        data = b"".join(out)
+        out.clear()
         if data:
             self.writer.write(data)
             self.conn.bytes_out += len(data)
             await drain(self.writer, self.s.idle)
 
     async def _send_up(self, event: h11.Event) -> None:
-        assert self.up is not None and self.upstream is not None
-        data = self.up.send(event)
+        assert self.up is not None
+        await self._write_up(self.up.send(event) or b"")
+
+    async def _write_up(self, data: bytes) -> None:
+        assert self.upstream is not None
         if data:
             writer = self.upstream[1]
             try:
@@ -406,6 +474,25 @@ class _Http1:
                 await drain(writer, self.s.idle)
             except (OSError, ssl.SSLError) as err:
                 raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+
+    async def _recv(self, reader: asyncio.StreamReader, at: float) -> bytes:
+        """``reader.read`` by this connection's task, bounded by the loop time ``at``."""
+        self.deadline.arm(at)
+        try:
+            return await reader.read(CHUNK)
+        except asyncio.CancelledError:
+            if self.deadline.expired():
+                raise TimeoutError from None
+            raise
+        finally:
+            self.deadline.disarm()
+
+    async def _recv_idle(self, reader: asyncio.StreamReader) -> bytes:
+        return await self._recv(reader, asyncio.get_running_loop().time() + self.s.idle)
+
+    async def _recv_timed(self, reader: asyncio.StreamReader) -> bytes:
+        """A read from a task of its own (``_relay``): the deadline bounds only ours."""
+        return await asyncio.wait_for(reader.read(CHUNK), self.s.idle)
 
     async def _upstream(self) -> Upstream | None:
         if self.upstream is None:
