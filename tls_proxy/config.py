@@ -40,6 +40,11 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # a request head larger than this is refus
 DEFAULT_MAX_HEADERS = 100  # header fields per request, as Envoy's default; more is refused (431)
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
 DEFAULT_KEEPALIVE_TIMEOUT = 60.0  # seconds an idle keep-alive connection waits for a request
+DEFAULT_POOL_MAX_IDLE = 64  # idle upstream HTTP/1.1 connections kept per listener (0: no pool)
+# Shorter than common app keep-alive timeouts (nginx 75 s, Go 90 s) so that the proxy, not
+# the app, usually closes an idle connection; a request that meets one the app closed anyway
+# is retried once on a new connection when it is idempotent.
+DEFAULT_POOL_IDLE_TIMEOUT = 15.0
 # Identity headers only the inbound proxy may set; a client's copies are removed.
 DEFAULT_IDENTITY_HEADERS = ("x-forwarded-client-cert",)
 
@@ -119,6 +124,8 @@ class HttpConfig(_Model):
     keepalive_timeout: float = Field(default=DEFAULT_KEEPALIVE_TIMEOUT, gt=0)
     encoded_slashes: Literal["reject", "decode", "keep"] = "reject"
     identity_headers: tuple[str, ...] = DEFAULT_IDENTITY_HEADERS
+    pool_max_idle: int = Field(default=DEFAULT_POOL_MAX_IDLE, ge=0)
+    pool_idle_timeout: float = Field(default=DEFAULT_POOL_IDLE_TIMEOUT, gt=0)
 
     @field_validator("identity_headers")
     @classmethod

@@ -53,6 +53,8 @@ from .relay import CHUNK, Deadline, close_stream, drain, splice
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_HEAD = 64 * 1024  # an app's response head may be larger than what we accept
+# RFC 9110 §9.2.2: may be sent twice; only these are retried on a new upstream connection
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class _ClientGone(Exception):
@@ -83,6 +85,8 @@ class _Http1:
         )
         self.up: h11.Connection | None = None
         self.upstream: Upstream | None = None
+        self.reused = False  # the upstream connection came from the pool
+        self.up_received = 0  # bytes from the upstream during the current exchange
         self.begun = False  # a byte of the current request has arrived
         self.deadline = Deadline()  # bounds the reads and writes of this (the connection's) task
         if session.prefix:  # read by protocol detection: the start of the first request
@@ -96,6 +100,7 @@ class _Http1:
                 await self._next_cycle_up()
         finally:
             self.deadline.close()
+            self._checkin()  # the client is leaving; a complete upstream exchange is kept
             await self._drop_upstream()
 
     # -- one request ---------------------------------------------------------------------
@@ -236,20 +241,51 @@ class _Http1:
         arriving (or ``Expect: 100-continue``, an upgrade, CONNECT) needs both directions at
         once: ``_relay`` runs them as two tasks.
         """
-        assert self.up is not None
-        out = [self.up.send(head) or b""]
-        complete = False if streaming else self._buffered_body(out, ex)
-        await self._write_up(b"".join(out))
+        body: list[bytes] = []
+        complete = False if streaming else self._buffered_body(body, ex)
+        self.up_received = 0
         if not complete:
+            await self._write_up(self._encode_up(head, body, end=False))
             return await self._relay(ex)
-        if await self._pump_response(ex, self._recv_idle) == "switch":
+        try:
+            await self._write_up(self._encode_up(head, body, end=True))
+            outcome = await self._pump_response(ex, self._recv_idle)
+        except _UpstreamFailed as err:
+            if not self._may_retry(head):
+                raise
+            # A pooled connection the app closed (or reset) while we picked it: nothing of
+            # this request can have been answered, so it goes once more on a new connection.
+            log.info("pooled upstream connection failed; retrying", extra={"detail": str(err)})
+            await self._drop_upstream()
+            if await self._upstream(pooled=False) is None:
+                raise _UpstreamFailed(self.conn.detail or "upstream unreachable") from err
+            await self._write_up(self._encode_up(head, body, end=True))
+            outcome = await self._pump_response(ex, self._recv_idle)
+        if outcome == "switch":
             await self._tunnel()
             return False
         return self.down.our_state is h11.DONE and self.down.their_state is h11.DONE
 
-    def _buffered_body(self, out: list[bytes], ex: Exchange) -> bool:
-        """Encode for upstream the request body h11 already holds; True once it is complete."""
+    def _encode_up(self, head: h11.Request, body: list[bytes], *, end: bool) -> bytes:
         assert self.up is not None
+        out = [self.up.send(head) or b""]
+        out.extend(self.up.send(h11.Data(data=piece)) or b"" for piece in body)
+        if end:
+            out.append(self.up.send(h11.EndOfMessage()) or b"")
+        return b"".join(out)
+
+    def _may_retry(self, head: h11.Request) -> bool:
+        """Whether a failed exchange may be sent again: on a reused connection that gave no
+        byte back, and an idempotent method (RFC 9110 §9.2.2), as the app may have acted."""
+        return (
+            self.reused
+            and self.up_received == 0
+            and self.down.our_state is h11.SEND_RESPONSE
+            and head.method in IDEMPOTENT
+        )
+
+    def _buffered_body(self, body: list[bytes], ex: Exchange) -> bool:
+        """The request body h11 already holds, into ``body``; True once it is complete."""
         while True:
             try:
                 event = self.down.next_event()
@@ -259,9 +295,8 @@ class _Http1:
                 return False
             if isinstance(event, h11.Data):
                 ex.bytes_in += len(event.data)
-                out.append(self.up.send(h11.Data(data=event.data)) or b"")
+                body.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
-                out.append(self.up.send(h11.EndOfMessage()) or b"")
                 return True
             else:
                 raise _ClientGone
@@ -332,6 +367,7 @@ class _Http1:
                     data = await recv(up_reader)
                 except (OSError, ssl.SSLError) as err:
                     raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+                self.up_received += len(data)
                 up.receive_data(data)
             elif isinstance(event, h11.InformationalResponse):
                 switching = event.status_code == 101
@@ -494,13 +530,27 @@ class _Http1:
         """A read from a task of its own (``_relay``): the deadline bounds only ours."""
         return await asyncio.wait_for(reader.read(CHUNK), self.s.idle)
 
-    async def _upstream(self) -> Upstream | None:
+    async def _upstream(self, *, pooled: bool = True) -> Upstream | None:
         if self.upstream is None:
-            self.upstream = await self.s.open_upstream("http/1.1")
+            idle = self.s.checkout() if pooled and self.s.checkout is not None else None
+            self.reused = idle is not None
+            self.upstream = idle or await self.s.open_upstream("http/1.1")
             if self.upstream is None:
                 return None
             self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         return self.upstream
+
+    def _checkin(self) -> bool:
+        """Give the upstream connection back to the pool if its last exchange completed both
+        ways (never after an incomplete or ``close``-d response, a switch or an error)."""
+        up, upstream, checkin = self.up, self.upstream, self.s.checkin
+        if checkin is None or up is None or upstream is None:
+            return False
+        if up.our_state is not h11.DONE or up.their_state is not h11.DONE:
+            return False
+        self.upstream = self.up = None
+        checkin(upstream)
+        return True
 
     def _next_cycle_down(self) -> None:
         self.down.start_next_cycle()
@@ -509,6 +559,8 @@ class _Http1:
         up = self.up
         if up is None:
             return
+        if self._checkin():
+            return  # the next request takes a pooled connection, likely this one
         if up.our_state is h11.DONE and up.their_state is h11.DONE:
             up.start_next_cycle()
         else:

@@ -31,6 +31,7 @@ import itertools
 import logging
 import socket
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -48,12 +49,13 @@ from .detect import Detected, sniff
 from .errors import ConfigError, PeerRejected, RejectReason
 from .filters.base import Connection, FilterChain
 from .l7 import HttpSession, Upstream, UpstreamProtocol, xfcc_value
+from .pool import Pooled, UpstreamPool
 from .relay import CHUNK as CHUNK_DETECT
 from .relay import close_stream as _close
 from .relay import set_nodelay as _nodelay
 from .relay import splice
 from .spiffe_verify import verify_peer
-from .tls import ALPN_H2, TlsContexts, TlsState, classify_ssl_error, peer_chain_der
+from .tls import ALPN_H2, ALPN_HTTP1, TlsContexts, TlsState, classify_ssl_error, peer_chain_der
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,12 @@ class _Listener:
         self._draining = False
         self._drain_event = asyncio.Event()  # tells L7 codecs to send GOAWAY / stop
         self.port = 0
+        self.pool: UpstreamPool | None = None  # idle HTTP/1.1 upstream connections
+        if http.pool_max_idle:
+            self.pool = UpstreamPool(http.pool_max_idle, http.pool_idle_timeout)
+        self._opened: weakref.WeakKeyDictionary[asyncio.StreamWriter, Pooled] = (
+            weakref.WeakKeyDictionary()
+        )  # what the pool needs to know of the HTTP/1.1 upstream connections we opened
 
     @property
     def in_flight(self) -> int:
@@ -249,6 +257,36 @@ class _Listener:
         xfcc: bytes | None,
         prefix: bytes,
     ) -> HttpSession:
+        pool = self.pool
+        if pool is None:
+            checkout = checkin = None
+        else:
+            plain_open = open_upstream
+
+            async def open_upstream(protocol: UpstreamProtocol) -> Upstream | None:
+                tag = self._pool_tag()
+                opened = await plain_open(protocol)
+                if opened is not None and protocol == ALPN_HTTP1:
+                    peer = conn.peer_id if self.direction == "outbound" else None
+                    self._opened[opened[1]] = Pooled(*opened, conn.upstream or "", peer, tag)
+                return opened
+
+            def checkout() -> Upstream | None:
+                entry = pool.take(self._pool_tag())
+                if entry is None:
+                    return None
+                conn.upstream = entry.address
+                if self.direction == "outbound":
+                    conn.peer_id = entry.peer_id
+                return entry.reader, entry.writer
+
+            def checkin(upstream: Upstream) -> None:
+                entry = self._opened.get(upstream[1])
+                if entry is None:
+                    upstream[1].close()
+                else:
+                    pool.put(entry)
+
         return HttpSession(
             conn=conn,
             chain=self._chain,
@@ -258,7 +296,13 @@ class _Listener:
             xfcc=xfcc,
             prefix=prefix,
             draining=self._drain_event,
+            checkout=checkout,
+            checkin=checkin,
         )
+
+    def _pool_tag(self) -> object:
+        """What a pooled connection must have been opened under to be reused."""
+        return self
 
     async def _detect(
         self, reader: asyncio.StreamReader, alpn: str | None
@@ -312,6 +356,8 @@ class _Listener:
         self.stop_accepting()
         self._draining = True
         self._drain_event.set()
+        if self.pool is not None:
+            self.pool.close()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         left = set(self._tasks)
@@ -521,6 +567,11 @@ class OutboundListener(_Listener):
             await splice(reader, writer, up_reader, up_writer, conn, self._timeouts.idle)
         finally:
             await _close(up_writer)
+
+    def _pool_tag(self) -> object:
+        """The TLS state (our SVID, the bundles a peer is verified against) of the moment:
+        after a rotation, connections opened and verified under the old one are not reused."""
+        return self._tls.current()
 
     async def _connect(
         self, conn: Connection, protocol: UpstreamProtocol | None
