@@ -3,7 +3,6 @@ its sidecar is ready."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import urllib.error
 import urllib.request
@@ -31,23 +30,18 @@ def proxy_run(
     """Run the proxy in the foreground; SIGTERM drains, SIGHUP reloads identity files and policy."""
     from tls_proxy import ProxyError, load_config
     from tls_proxy.proxy import Proxy
-    from tls_proxy.runtime import install_signals, select_loop
+    from tls_proxy.runtime import run_proxy, run_workers
 
     try:
         cfg = load_config(config)
-        proxy = Proxy(cfg)
+        Proxy(cfg)  # refuses what cannot run before anything starts
     except ProxyError as err:
         _fail(str(err))
     setup_logging(cfg.log_level)
-    loop_factory, _ = select_loop(cfg.runtime.uvloop)
-
-    async def main() -> None:
-        install_signals(proxy.request_stop, proxy.reload)
-        await proxy.run()
-
+    if cfg.runtime.workers > 1:
+        raise typer.Exit(run_workers(cfg, Proxy))
     try:
-        with asyncio.Runner(loop_factory=loop_factory) as runner:
-            runner.run(main())
+        run_proxy(cfg, Proxy)
     except ProxyError as err:
         _fail(str(err))
 

@@ -140,6 +140,7 @@ class RuntimeConfig(_Model):
     """How the proxy process runs (docs/proxy.md, "Runtime")."""
 
     uvloop: bool = True  # use uvloop when it is installed; asyncio's loop otherwise
+    workers: int = Field(default=1, ge=1, le=64)  # processes sharing the ports (SO_REUSEPORT)
 
 
 class InboundConfig(_Model):
@@ -258,12 +259,37 @@ class ProxyConfig(_Model):
         return value
 
     @model_validator(mode="after")
+    def _workers_need_fixed_ports(self) -> ProxyConfig:
+        if self.runtime.workers > 1:
+            listens = [i.listen for i in self.inbound] + [o.listen for o in self.outbound]
+            ephemeral = [x for x in listens if split_address(x)[1] == 0]
+            if ephemeral:
+                raise ValueError(
+                    f"expected fixed listen ports with runtime.workers > 1 (every worker binds "
+                    f"the same port with SO_REUSEPORT); got port 0 in {ephemeral}"
+                )
+            _, port = split_address(self.admin.listen)
+            if port and port + self.runtime.workers - 1 > 65535:
+                raise ValueError(f"expected admin ports {port}..+{self.runtime.workers - 1} to fit")
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> ProxyConfig:
         names = [i.name for i in self.inbound] + [o.name for o in self.outbound]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"expected unique listener names; {dup} used more than once")
         return self
+
+    def for_worker(self, index: int) -> ProxyConfig:
+        """Worker ``index``'s configuration: its admin server on the admin port + ``index``
+        (each worker has its own admin server; port 0 stays ephemeral)."""
+        host, port = split_address(self.admin.listen)
+        if index == 0 or port == 0:
+            return self
+        host = f"[{host}]" if ":" in host else host
+        admin = self.admin.model_copy(update={"listen": f"{host}:{port + index}"})
+        return self.model_copy(update={"admin": admin})
 
     def public_dict(self) -> dict[str, Any]:
         """The effective configuration for ``/config``: paths only, no key material."""

@@ -119,14 +119,16 @@ class _Acceptor:
         await asyncio.gather(self._task, return_exceptions=True)
 
 
-async def _bind(host: str, port: int) -> socket.socket:
+async def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
     """A listening TCP socket on ``host:port`` (the first address ``host`` resolves to)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )
     family, _, _, _, address = infos[0]
-    sock = socket.create_server(address[:2], family=family, backlog=LISTEN_BACKLOG)
+    sock = socket.create_server(
+        address[:2], family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+    )
     sock.setblocking(False)
     return sock
 
@@ -160,6 +162,7 @@ class _Listener:
         self._draining = False
         self._drain_event = asyncio.Event()  # tells L7 codecs to send GOAWAY / stop
         self.port = 0
+        self.reuse_port = False  # runtime.workers > 1: every worker binds the same port
         self.pool: UpstreamPool | None = None  # idle HTTP/1.1 upstream connections
         if http.pool_max_idle:
             self.pool = UpstreamPool(http.pool_max_idle, http.pool_idle_timeout)
@@ -173,7 +176,9 @@ class _Listener:
 
     async def start(self) -> None:
         host, port = split(self.listen)
-        self._server = await asyncio.start_server(self._accept, host, port)
+        self._server = await asyncio.start_server(
+            self._accept, host, port, reuse_port=self.reuse_port or None, backlog=LISTEN_BACKLOG
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(
             "listener started",
@@ -419,7 +424,7 @@ class InboundListener(_Listener):
 
     async def start(self) -> None:
         host, port = split(self.listen)
-        self._server = _Acceptor(await _bind(host, port), self._accept_tls)
+        self._server = _Acceptor(await _bind(host, port, self.reuse_port), self._accept_tls)
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(
             "listener started",

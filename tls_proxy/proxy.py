@@ -122,6 +122,7 @@ class Proxy:
             ),
         ]
         for listener in self.listeners:
+            listener.reuse_port = config.runtime.workers > 1
             await listener.start()
         self.admin = AdminServer(
             config.admin.listen,
