@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from .admin import AdminHooks, AdminServer
 from .config import ProxyConfig
@@ -28,9 +28,11 @@ from .identity import (
 from .jwt_auth import JwtBundleStore
 from .listeners import InboundListener, Listener, OutboundListener, check_protocol
 from .metrics import ProxyMetrics
-from .policy_source import PolicySource
 from .runtime import loop_name
 from .tls import TlsContexts
+
+if TYPE_CHECKING:
+    from .policy_source import PolicySource
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +144,8 @@ class Proxy:
                 asyncio.create_task(self.jwt_bundles.watch(config.jwt.poll_interval))
             )
         if config.policy.server is not None:
+            from .policy_source import PolicySource  # noqa: PLC0415  grpc only when configured
+
             self.policy_source = PolicySource(
                 config.policy.server,
                 self._identity,

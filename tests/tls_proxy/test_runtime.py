@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 from pathlib import Path
 
@@ -90,3 +91,31 @@ def test_both_proxies_serve_on_uvloop(tmp_path: Path) -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(main(), 30))
+
+
+def _python(code: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    return result.stdout.strip()
+
+
+def test_proxy_run_does_not_import_the_workload_api_client_nor_httpx() -> None:
+    """``meshid proxy run`` with file identity: no grpc, protobuf or httpx in the process."""
+    loaded = _python(
+        "import sys; sys.argv = ['meshid', 'proxy', 'run', '--config', 'x'];"
+        "import meshid.cli, tls_proxy.proxy, tls_proxy.runtime;"
+        "print(sorted(m for m in ('grpc', 'google.protobuf', 'httpx') if m in sys.modules))"
+    )
+    assert loaded == "[]"
+
+
+def test_the_workload_api_client_loads_on_demand_in_a_slim_process() -> None:
+    """After ``load_core`` the package completes in place: same classes, X509Source there."""
+    out = _python(
+        "from ca.spiffe_light import load_all, load_core; load_core();"
+        "from spiffe import SpiffeId; load_all();"
+        "import spiffe, grpc; from spiffe import X509Source;"
+        "print(spiffe.SpiffeId is SpiffeId, SpiffeId('spiffe://example.org/a').path)"
+    )
+    assert out == "True /a"
