@@ -17,8 +17,6 @@ import typer
 
 from ca.config import DEFAULT_ADMIN_SOCKET, DEFAULT_SOCKET_ENV
 
-from .client import AdminClient, AdminError
-
 
 class Output(StrEnum):
     text = "text"
@@ -38,6 +36,8 @@ def _fail(message: str) -> NoReturn:
 
 
 def _call(socket: Path, method: str, path: str) -> Any:
+    from .client import AdminClient, AdminError  # httpx: only when a command runs
+
     try:
         with AdminClient(socket) as client:
             return client.json(method, path)

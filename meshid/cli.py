@@ -6,6 +6,10 @@ exits non-zero with one clear line on stderr and changes nothing.
 
 from __future__ import annotations
 
+# isort: off
+from . import _sidecar  # noqa: F401  first of all: see its docstring
+# isort: on
+
 import asyncio
 import json
 import os
@@ -13,7 +17,7 @@ import sys
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from cryptography import x509
@@ -24,10 +28,12 @@ from ca.errors import CaError
 from ca.keys import KeyType, generate_key, private_key_pem, write_private_file
 
 from .agent_cmd import agent_app, svid_app
-from .client import AdminClient, AdminError
 from .logs import setup_logging
 from .policy_cmd import policy_app
 from .proxy_cmd import proxy_app
+
+if TYPE_CHECKING:
+    from .client import AdminClient
 
 app = typer.Typer(
     name="meshid",
@@ -84,10 +90,14 @@ def fail(message: str) -> NoReturn:
 
 
 def _client(socket: Path) -> AdminClient:
+    from .client import AdminClient  # httpx: only for the commands that call the server
+
     return AdminClient(socket)
 
 
 def _call(socket: Path, method: str, path: str, **kwargs: Any) -> Any:
+    from .client import AdminError
+
     try:
         with _client(socket) as c:
             response = c.request(method, path, **kwargs)

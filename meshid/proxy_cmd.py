@@ -3,8 +3,6 @@ sidecar, hold an app until its sidecar is ready, and steer the app's TCP through
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import time
 import urllib.error
 import urllib.request
@@ -32,23 +30,18 @@ def proxy_run(
     """Run the proxy in the foreground; SIGTERM drains, SIGHUP reloads identity files and policy."""
     from tls_proxy import ProxyError, load_config
     from tls_proxy.proxy import Proxy
+    from tls_proxy.runtime import run_proxy, run_workers
 
     try:
         cfg = load_config(config)
-        proxy = Proxy(cfg)
+        Proxy(cfg)  # refuses what cannot run before anything starts
     except ProxyError as err:
         _fail(str(err))
     setup_logging(cfg.log_level)
-
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, proxy.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, proxy.reload)
-        await proxy.run()
-
+    if cfg.runtime.workers > 1:
+        raise typer.Exit(run_workers(cfg, Proxy))
     try:
-        asyncio.run(main())
+        run_proxy(cfg, Proxy)
     except ProxyError as err:
         _fail(str(err))
 

@@ -41,6 +41,11 @@ DEFAULT_MAX_HEADER_BYTES = 16 * 1024  # a request head larger than this is refus
 DEFAULT_MAX_HEADERS = 100  # header fields per request, as Envoy's default; more is refused (431)
 DEFAULT_HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to its complete head
 DEFAULT_KEEPALIVE_TIMEOUT = 60.0  # seconds an idle keep-alive connection waits for a request
+DEFAULT_POOL_MAX_IDLE = 64  # idle upstream HTTP/1.1 connections kept per listener (0: no pool)
+# Shorter than common app keep-alive timeouts (nginx 75 s, Go 90 s) so that the proxy, not
+# the app, usually closes an idle connection; a request that meets one the app closed anyway
+# is retried once on a new connection when it is idempotent.
+DEFAULT_POOL_IDLE_TIMEOUT = 15.0
 # Identity headers only the inbound proxy may set; a client's copies are removed.
 DEFAULT_IDENTITY_HEADERS = ("x-forwarded-client-cert",)
 # Transparent mode (docs/proxy.md): `forward: original_dst` / `upstream: original_dst` relay
@@ -125,6 +130,8 @@ class HttpConfig(_Model):
     keepalive_timeout: float = Field(default=DEFAULT_KEEPALIVE_TIMEOUT, gt=0)
     encoded_slashes: Literal["reject", "decode", "keep"] = "reject"
     identity_headers: tuple[str, ...] = DEFAULT_IDENTITY_HEADERS
+    pool_max_idle: int = Field(default=DEFAULT_POOL_MAX_IDLE, ge=0)
+    pool_idle_timeout: float = Field(default=DEFAULT_POOL_IDLE_TIMEOUT, gt=0)
 
     @field_validator("identity_headers")
     @classmethod
@@ -133,6 +140,13 @@ class HttpConfig(_Model):
         if "x-forwarded-client-cert" not in out:
             raise ValueError("expected a list that includes x-forwarded-client-cert")
         return out
+
+
+class RuntimeConfig(_Model):
+    """How the proxy process runs (docs/proxy.md, "Runtime")."""
+
+    uvloop: bool = True  # use uvloop when it is installed; asyncio's loop otherwise
+    workers: int = Field(default=1, ge=1, le=64)  # processes sharing the ports (SO_REUSEPORT)
 
 
 class InboundConfig(_Model):
@@ -295,6 +309,7 @@ class ProxyConfig(_Model):
     access_log: AccessLogConfig = Field(default_factory=AccessLogConfig)
     timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     debug: bool = False  # adds x-meshid-denied-by to 403s: names policies to the caller
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -315,12 +330,37 @@ class ProxyConfig(_Model):
         return value
 
     @model_validator(mode="after")
+    def _workers_need_fixed_ports(self) -> ProxyConfig:
+        if self.runtime.workers > 1:
+            listens = [i.listen for i in self.inbound] + [o.listen for o in self.outbound]
+            ephemeral = [x for x in listens if split_address(x)[1] == 0]
+            if ephemeral:
+                raise ValueError(
+                    f"expected fixed listen ports with runtime.workers > 1 (every worker binds "
+                    f"the same port with SO_REUSEPORT); got port 0 in {ephemeral}"
+                )
+            _, port = split_address(self.admin.listen)
+            if port and port + self.runtime.workers - 1 > 65535:
+                raise ValueError(f"expected admin ports {port}..+{self.runtime.workers - 1} to fit")
+        return self
+
+    @model_validator(mode="after")
     def _unique_names(self) -> ProxyConfig:
         names = [i.name for i in self.inbound] + [o.name for o in self.outbound]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"expected unique listener names; {dup} used more than once")
         return self
+
+    def for_worker(self, index: int) -> ProxyConfig:
+        """Worker ``index``'s configuration: its admin server on the admin port + ``index``
+        (each worker has its own admin server; port 0 stays ephemeral)."""
+        host, port = split_address(self.admin.listen)
+        if index == 0 or port == 0:
+            return self
+        host = f"[{host}]" if ":" in host else host
+        admin = self.admin.model_copy(update={"listen": f"{host}:{port + index}"})
+        return self.model_copy(update={"admin": admin})
 
     def public_dict(self) -> dict[str, Any]:
         """The effective configuration for ``/config``: paths only, no key material."""

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Literal
@@ -47,11 +48,13 @@ from .l7 import (
     wants_upgrade,
 )
 from .path import PathError, normalize_path
-from .relay import CHUNK, close_stream, drain, splice
+from .relay import CHUNK, Deadline, close_stream, drain, splice
 
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_HEAD = 64 * 1024  # an app's response head may be larger than what we accept
+# RFC 9110 §9.2.2: may be sent twice; only these are retried on a new upstream connection
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
 class _ClientGone(Exception):
@@ -82,7 +85,10 @@ class _Http1:
         )
         self.up: h11.Connection | None = None
         self.upstream: Upstream | None = None
+        self.reused = False  # the upstream connection came from the pool
+        self.up_received = 0  # bytes from the upstream during the current exchange
         self.begun = False  # a byte of the current request has arrived
+        self.deadline = Deadline()  # bounds the reads and writes of this (the connection's) task
         if session.prefix:  # read by protocol detection: the start of the first request
             self.conn.bytes_in += len(session.prefix)
             self.down.receive_data(session.prefix)
@@ -93,6 +99,8 @@ class _Http1:
                 self._next_cycle_down()
                 await self._next_cycle_up()
         finally:
+            self.deadline.close()
+            self._checkin()  # the client is leaving; a complete upstream exchange is kept
             await self._drop_upstream()
 
     # -- one request ---------------------------------------------------------------------
@@ -153,12 +161,11 @@ class _Http1:
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
-            if deadline is None:
-                timeout = settings.keepalive_timeout
-            else:
-                timeout = max(0.0, deadline - loop.time())
             try:
-                data = await asyncio.wait_for(self.reader.read(CHUNK), timeout)
+                data = await self._recv(
+                    self.reader,
+                    loop.time() + settings.keepalive_timeout if deadline is None else deadline,
+                )
             except TimeoutError as err:
                 if deadline is None:
                     return None  # idle keep-alive connection: close quietly (RFC 9112 §9.5)
@@ -218,16 +225,85 @@ class _Http1:
         if upstream is None:
             raise _UpstreamFailed(self.conn.detail or "upstream unreachable")
         ex.result = "allowed"
-        await self._send_up(
-            h11.Request(method=request.method, target=target.encode("ascii"), headers=forwarded)
+        outgoing = h11.Request(
+            method=request.method, target=target.encode("ascii"), headers=forwarded
         )
-        return await self._relay(ex)
+        return await self._forward(outgoing, ex, streaming=upgrade or method == "CONNECT")
 
     # -- relaying ------------------------------------------------------------------------
 
+    async def _forward(self, head: h11.Request, ex: Exchange, *, streaming: bool) -> bool:
+        """Send the request upstream and relay the answer; True when the connection may
+        carry the next request.
+
+        The common case, a request whose body (often none) h11 already holds in full, goes
+        upstream in one write and its response is relayed by this task alone. A body still
+        arriving (or ``Expect: 100-continue``, an upgrade, CONNECT) needs both directions at
+        once: ``_relay`` runs them as two tasks.
+        """
+        body: list[bytes] = []
+        complete = False if streaming else self._buffered_body(body, ex)
+        self.up_received = 0
+        if not complete:
+            await self._write_up(self._encode_up(head, body, end=False))
+            return await self._relay(ex)
+        try:
+            await self._write_up(self._encode_up(head, body, end=True))
+            outcome = await self._pump_response(ex, self._recv_idle)
+        except _UpstreamFailed as err:
+            if not self._may_retry(head):
+                raise
+            # A pooled connection the app closed (or reset) while we picked it: nothing of
+            # this request can have been answered, so it goes once more on a new connection.
+            log.info("pooled upstream connection failed; retrying", extra={"detail": str(err)})
+            await self._drop_upstream()
+            if await self._upstream(pooled=False) is None:
+                raise _UpstreamFailed(self.conn.detail or "upstream unreachable") from err
+            await self._write_up(self._encode_up(head, body, end=True))
+            outcome = await self._pump_response(ex, self._recv_idle)
+        if outcome == "switch":
+            await self._tunnel()
+            return False
+        return self.down.our_state is h11.DONE and self.down.their_state is h11.DONE
+
+    def _encode_up(self, head: h11.Request, body: list[bytes], *, end: bool) -> bytes:
+        assert self.up is not None
+        out = [self.up.send(head) or b""]
+        out.extend(self.up.send(h11.Data(data=piece)) or b"" for piece in body)
+        if end:
+            out.append(self.up.send(h11.EndOfMessage()) or b"")
+        return b"".join(out)
+
+    def _may_retry(self, head: h11.Request) -> bool:
+        """Whether a failed exchange may be sent again: on a reused connection that gave no
+        byte back, and an idempotent method (RFC 9110 §9.2.2), as the app may have acted."""
+        return (
+            self.reused
+            and self.up_received == 0
+            and self.down.our_state is h11.SEND_RESPONSE
+            and head.method in IDEMPOTENT
+        )
+
+    def _buffered_body(self, body: list[bytes], ex: Exchange) -> bool:
+        """The request body h11 already holds, into ``body``; True once it is complete."""
+        while True:
+            try:
+                event = self.down.next_event()
+            except h11.RemoteProtocolError as err:
+                raise HttpRejected(400, classify_h11_error(str(err)), str(err)) from err
+            if event is h11.NEED_DATA:
+                return False
+            if isinstance(event, h11.Data):
+                ex.bytes_in += len(event.data)
+                body.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                return True
+            else:
+                raise _ClientGone
+
     async def _relay(self, ex: Exchange) -> bool:
         requests = asyncio.ensure_future(self._pump_request(ex))
-        responses = asyncio.ensure_future(self._pump_response(ex))
+        responses = asyncio.ensure_future(self._pump_response(ex, self._recv_timed))
         try:
             done, _ = await asyncio.wait({requests, responses}, return_when=asyncio.FIRST_COMPLETED)
             if requests in done and requests.exception() is not None:
@@ -269,31 +345,43 @@ class _Http1:
             else:
                 raise _ClientGone
 
-    async def _pump_response(self, ex: Exchange) -> Literal["done", "switch"]:
-        """Response: upstream → downstream, 1xx included; ``switch`` after a protocol switch."""
+    async def _pump_response(
+        self, ex: Exchange, recv: Callable[[asyncio.StreamReader], Awaitable[bytes]]
+    ) -> Literal["done", "switch"]:
+        """Response: upstream → downstream, 1xx included; ``switch`` after a protocol switch.
+
+        What h11 renders is written once per batch of parsed events (a head, its body and its
+        end usually arrive together), not once per event; ``recv`` reads with the timeout.
+        """
         assert self.up is not None and self.upstream is not None
         up, (up_reader, _) = self.up, self.upstream
+        out: list[bytes] = []
         while True:
             try:
                 event = up.next_event()
             except h11.RemoteProtocolError as err:
                 raise _UpstreamFailed(f"invalid HTTP/1.1 from the upstream: {err}") from err
             if event is h11.NEED_DATA:
+                await self._flush_down(out)
                 try:
-                    data = await asyncio.wait_for(up_reader.read(CHUNK), self.s.idle)
+                    data = await recv(up_reader)
                 except (OSError, ssl.SSLError) as err:
                     raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+                self.up_received += len(data)
                 up.receive_data(data)
             elif isinstance(event, h11.InformationalResponse):
                 switching = event.status_code == 101
-                await self._send_down(
-                    h11.InformationalResponse(
-                        status_code=event.status_code,
-                        headers=forward_headers(event.headers.raw_items(), upgrade=switching),
-                        reason=event.reason,
+                out.append(
+                    self._render_down(
+                        h11.InformationalResponse(
+                            status_code=event.status_code,
+                            headers=forward_headers(event.headers.raw_items(), upgrade=switching),
+                            reason=event.reason,
+                        )
                     )
                 )
                 if switching:
+                    await self._flush_down(out)
                     return "switch"
             elif isinstance(event, h11.Response):
                 ex.status = event.status_code
@@ -305,20 +393,25 @@ class _Http1:
                     # A final answer before the body: the body will not be read, so the
                     # connection cannot carry another request (RFC 9110 §10.1.1).
                     headers.append((b"connection", b"close"))
-                await self._send_down(
-                    h11.Response(
-                        status_code=event.status_code, headers=headers, reason=event.reason
+                out.append(
+                    self._render_down(
+                        h11.Response(
+                            status_code=event.status_code, headers=headers, reason=event.reason
+                        )
                     )
                 )
                 if self.down.our_state is h11.SWITCHED_PROTOCOL:
+                    await self._flush_down(out)
                     return "switch"  # a 2xx to CONNECT
             elif isinstance(event, h11.Data):
                 ex.bytes_out += len(event.data)
-                await self._send_down(h11.Data(data=event.data))
+                out.append(self._render_down(h11.Data(data=event.data)))
             elif isinstance(event, h11.EndOfMessage):
-                await self._send_down(h11.EndOfMessage())
+                out.append(self._render_down(h11.EndOfMessage()))
+                await self._flush_down(out)
                 return "done"
             else:
+                await self._flush_down(out)
                 raise _UpstreamFailed("the upstream closed before the response ended")
 
     async def _tunnel(self) -> None:
@@ -347,9 +440,12 @@ class _Http1:
         ]
         if close:
             headers.append((b"connection", b"close"))
-        await self._send_down(h11.Response(status_code=answer.status, headers=headers))
-        await self._send_down(h11.Data(data=answer.body))
-        await self._send_down(h11.EndOfMessage())
+        out = [
+            self._render_down(h11.Response(status_code=answer.status, headers=headers)),
+            self._render_down(h11.Data(data=answer.body)),
+            self._render_down(h11.EndOfMessage()),
+        ]
+        await self._flush_down(out)
         return not close and self.down.our_state is h11.DONE
 
     def _discard_buffered_body(self) -> None:
@@ -389,16 +485,24 @@ class _Http1:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    async def _send_down(self, event: h11.Event) -> None:
-        data = self.down.send(event)
+    def _render_down(self, event: h11.Event) -> bytes:
+        return self.down.send(event) or b""
+
+    async def _flush_down(self, out: list[bytes]) -> None:
+        """Write what ``out`` holds toward the client in one write, then empty it."""
+        data = b"".join(out)
+        out.clear()
         if data:
             self.writer.write(data)
             self.conn.bytes_out += len(data)
             await drain(self.writer, self.s.idle)
 
     async def _send_up(self, event: h11.Event) -> None:
-        assert self.up is not None and self.upstream is not None
-        data = self.up.send(event)
+        assert self.up is not None
+        await self._write_up(self.up.send(event) or b"")
+
+    async def _write_up(self, data: bytes) -> None:
+        assert self.upstream is not None
         if data:
             writer = self.upstream[1]
             try:
@@ -407,13 +511,46 @@ class _Http1:
             except (OSError, ssl.SSLError) as err:
                 raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
 
-    async def _upstream(self) -> Upstream | None:
+    async def _recv(self, reader: asyncio.StreamReader, at: float) -> bytes:
+        """``reader.read`` by this connection's task, bounded by the loop time ``at``."""
+        self.deadline.arm(at)
+        try:
+            return await reader.read(CHUNK)
+        except asyncio.CancelledError:
+            if self.deadline.expired():
+                raise TimeoutError from None
+            raise
+        finally:
+            self.deadline.disarm()
+
+    async def _recv_idle(self, reader: asyncio.StreamReader) -> bytes:
+        return await self._recv(reader, asyncio.get_running_loop().time() + self.s.idle)
+
+    async def _recv_timed(self, reader: asyncio.StreamReader) -> bytes:
+        """A read from a task of its own (``_relay``): the deadline bounds only ours."""
+        return await asyncio.wait_for(reader.read(CHUNK), self.s.idle)
+
+    async def _upstream(self, *, pooled: bool = True) -> Upstream | None:
         if self.upstream is None:
-            self.upstream = await self.s.open_upstream("http/1.1")
+            idle = self.s.checkout() if pooled and self.s.checkout is not None else None
+            self.reused = idle is not None
+            self.upstream = idle or await self.s.open_upstream("http/1.1")
             if self.upstream is None:
                 return None
             self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         return self.upstream
+
+    def _checkin(self) -> bool:
+        """Give the upstream connection back to the pool if its last exchange completed both
+        ways (never after an incomplete or ``close``-d response, a switch or an error)."""
+        up, upstream, checkin = self.up, self.upstream, self.s.checkin
+        if checkin is None or up is None or upstream is None:
+            return False
+        if up.our_state is not h11.DONE or up.their_state is not h11.DONE:
+            return False
+        self.upstream = self.up = None
+        checkin(upstream)
+        return True
 
     def _next_cycle_down(self) -> None:
         self.down.start_next_cycle()
@@ -422,6 +559,8 @@ class _Http1:
         up = self.up
         if up is None:
             return
+        if self._checkin():
+            return  # the next request takes a pooled connection, likely this one
         if up.our_state is h11.DONE and up.their_state is h11.DONE:
             up.start_next_cycle()
         else:

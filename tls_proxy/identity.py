@@ -23,13 +23,17 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from spiffe import X509Source, X509Svid
+from spiffe import X509Svid
 from spiffe.errors import PySpiffeError
-from spiffe.workloadapi.x509_context import X509Context
+
+from ca.spiffe_light import load_all as _load_spiffe
+
+if TYPE_CHECKING:
+    from spiffe.workloadapi.x509_context import X509Context
 
 from .errors import IdentityError
 
@@ -259,6 +263,9 @@ class WorkloadApiIdentitySource:
         self._lock = threading.Lock()
         self._version = 0
         self._snapshot: IdentitySnapshot | None = None
+        _load_spiffe()  # the Workload API client (grpc) is loaded only for this source
+        from spiffe import X509Source  # noqa: PLC0415
+
         try:
             self._source = X509Source(socket_path=endpoint, timeout_in_seconds=timeout)
         except PySpiffeError as err:

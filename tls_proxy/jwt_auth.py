@@ -24,13 +24,14 @@ from types import MappingProxyType
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from spiffe import JwtSource, TrustDomain
+from spiffe import TrustDomain
 from spiffe.errors import PySpiffeError
 
 from ca.bundle import from_spiffe_json
 from ca.errors import CaError
 from ca.jwtsvid import validate_jwt_svid
 from ca.keys import PublicKey
+from ca.spiffe_light import load_all as _load_spiffe
 
 from .errors import ProxyError
 from .identity import ENDPOINT_ENV
@@ -198,6 +199,9 @@ class WorkloadApiJwtBundles:
         self.endpoint = endpoint
         self.last_error: str | None = None
         self._lock = threading.Lock()
+        _load_spiffe()  # the Workload API client (grpc) is loaded only for this source
+        from spiffe import JwtSource  # noqa: PLC0415
+
         try:
             self._source = JwtSource(socket_path=endpoint, timeout_in_seconds=timeout)
         except PySpiffeError as err:

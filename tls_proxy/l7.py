@@ -113,6 +113,11 @@ class HttpSession:
     xfcc: bytes | None  # inbound: the x-forwarded-client-cert value to set; outbound: None
     prefix: bytes = b""  # bytes the listener read to detect the protocol, not yet consumed
     draining: asyncio.Event | None = None  # set when the listener drains: stop taking requests
+    # HTTP/1.1 pooling (``pool.UpstreamPool``), None where the listener pools nothing:
+    # ``checkout`` an idle upstream connection (None: open one with ``open_upstream``) and
+    # ``checkin`` one whose last exchange completed in both directions.
+    checkout: Callable[[], Upstream | None] | None = None
+    checkin: Callable[[Upstream], None] | None = None
 
 
 class Codec(Protocol):

@@ -30,11 +30,16 @@ both ways once the data before it is written.
 from __future__ import annotations
 
 import asyncio
+import errno
+import functools
 import itertools
 import logging
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
+from typing import Any
 
 from .codecs import CODECS
 from .config import (
@@ -49,17 +54,21 @@ from .detect import Detected, sniff
 from .errors import ConfigError, NoOriginalDestination, PeerRejected, RejectReason
 from .filters.base import Connection, FilterChain
 from .l7 import HttpSession, Upstream, UpstreamProtocol, xfcc_value
+from .pool import Pooled, UpstreamPool
 from .relay import CHUNK as CHUNK_DETECT
 from .relay import close_stream as _close
 from .relay import set_nodelay as _nodelay
 from .relay import splice
 from .spiffe_verify import verify_peer
-from .tls import ALPN_H2, TlsContexts, classify_ssl_error, peer_chain_der
+from .tls import ALPN_H2, ALPN_HTTP1, TlsContexts, TlsState, classify_ssl_error, peer_chain_der
 from .transparent import OwnConnections, destination
 
 log = logging.getLogger(__name__)
 
 DETECT_TIMEOUT = 1.0  # seconds `auto` waits for a client's first bytes before assuming TCP
+ACCEPT_BACKOFF = 0.1  # seconds before accepting again when out of file descriptors or memory
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+LISTEN_BACKLOG = 1024  # pending connections per listening socket (asyncio's default is 100)
 
 Clock = Callable[[], datetime]
 
@@ -71,6 +80,63 @@ def check_protocol(name: str, protocol: str) -> None:
             f"listener {name!r}: not yet supported: protocol {protocol} "
             "(lands with protocol detection); use protocol: tcp or http"
         )
+
+
+class _Acceptor:
+    """A listening socket accepted by hand, each raw socket handed to ``handle``.
+
+    Inbound connections start with TLS. asyncio's servers start reading an accepted socket
+    before their callback runs (uvloop within the same loop iteration), so a ClientHello would
+    land in a plain ``StreamReader`` and ``start_tls`` would wait for it forever. Accepting by
+    hand lets ``loop.connect_accepted_socket`` run the handshake from the first byte, with the
+    TLS context current at that moment. Same ``close``/``wait_closed`` as ``asyncio.Server``.
+    """
+
+    def __init__(
+        self, sock: socket.socket, handle: Callable[[socket.socket], Coroutine[Any, Any, None]]
+    ) -> None:
+        self.sockets = [sock]
+        self._handle = handle
+        self._connections: set[asyncio.Task[None]] = set()  # a reference until each ends
+        self._task = asyncio.ensure_future(self._run())
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = self.sockets[0]
+        while True:
+            try:
+                client, _ = await loop.sock_accept(sock)
+            except OSError as err:
+                if err.errno not in _ACCEPT_RETRY:
+                    raise
+                log.error("accept failed; retrying", extra={"error": str(err)})
+                await asyncio.sleep(ACCEPT_BACKOFF)
+                continue
+            client.setblocking(False)
+            task = loop.create_task(self._handle(client))
+            self._connections.add(task)
+            task.add_done_callback(self._connections.discard)
+
+    def close(self) -> None:
+        self._task.cancel()
+        self.sockets[0].close()
+
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._task, return_exceptions=True)
+
+
+async def _bind(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (the first address ``host`` resolves to)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    family, _, _, _, address = infos[0]
+    sock = socket.create_server(
+        address[:2], family=family, backlog=LISTEN_BACKLOG, reuse_port=reuse_port
+    )
+    sock.setblocking(False)
+    return sock
 
 
 class _Listener:
@@ -99,11 +165,18 @@ class _Listener:
         self._chain = chain
         self._timeouts = timeouts
         self._clock = clock
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.base_events.Server | _Acceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._draining = False
         self._drain_event = asyncio.Event()  # tells L7 codecs to send GOAWAY / stop
         self.port = 0
+        self.reuse_port = False  # runtime.workers > 1: every worker binds the same port
+        self.pool: UpstreamPool | None = None  # idle HTTP/1.1 upstream connections
+        if http.pool_max_idle:
+            self.pool = UpstreamPool(http.pool_max_idle, http.pool_idle_timeout)
+        self._opened: weakref.WeakKeyDictionary[asyncio.StreamWriter, Pooled] = (
+            weakref.WeakKeyDictionary()
+        )  # what the pool needs to know of the HTTP/1.1 upstream connections we opened
 
     @property
     def in_flight(self) -> int:
@@ -111,7 +184,9 @@ class _Listener:
 
     async def start(self) -> None:
         host, port = split(self.listen)
-        self._server = await asyncio.start_server(self._accept, host, port)
+        self._server = await asyncio.start_server(
+            self._accept, host, port, reuse_port=self.reuse_port or None, backlog=LISTEN_BACKLOG
+        )
         self.port = int(self._server.sockets[0].getsockname()[1])
         log.info(
             "listener started",
@@ -119,10 +194,25 @@ class _Listener:
         )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """asyncio's server callback: a plain TCP connection."""
+        _nodelay(writer)
+        serve = functools.partial(self._serve, reader, writer)
+        await self._handle(
+            writer.get_extra_info("peername"), serve, writer, writer.get_extra_info("socket")
+        )
+
+    async def _handle(
+        self,
+        peer: tuple[str, int] | None,
+        serve: Callable[[Connection], Awaitable[None]],
+        writer: asyncio.StreamWriter | None,
+        sock: socket.socket | None = None,
+    ) -> None:
+        """Run ``serve`` for one accepted connection: errors recorded, cleanup, ``on_close``."""
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        peer = writer.get_extra_info("peername") or ("?", 0)
+        peer = peer or ("?", 0)
         conn = Connection(
             listener=self.name,
             direction="inbound" if self.direction == "inbound" else "outbound",
@@ -132,10 +222,11 @@ class _Listener:
             protocol=self.protocol,
         )
         try:
-            _nodelay(writer)
-            if self.transparent and not self._redirected(writer, conn):
+            if self.transparent and not self._redirected(sock, conn):
+                if writer is None and sock is not None:
+                    sock.close()  # refused before TLS: nothing else owns the socket yet
                 return
-            await self._serve(reader, writer, conn)
+            await serve(conn)
         except (OSError, ssl.SSLError, TimeoutError) as err:
             conn.error = conn.error or type(err).__name__
             conn.detail = str(err)
@@ -154,13 +245,13 @@ class _Listener:
     ) -> None:
         raise NotImplementedError
 
-    def _redirected(self, writer: asyncio.StreamWriter, conn: Connection) -> bool:
+    def _redirected(self, sock: socket.socket | None, conn: Connection) -> bool:
         """Transparent mode: record where the connection was going (``conn.upstream``; policy
         sees its port), or refuse it, logged, when that is unknown or would loop back here."""
         try:
-            original, target = destination(
-                writer.get_extra_info("socket"), inbound=self.direction == "inbound", own=self._own
-            )
+            if sock is None:
+                raise NoOriginalDestination("the transport exposes no socket to ask")
+            original, target = destination(sock, inbound=self.direction == "inbound", own=self._own)
         except NoOriginalDestination as err:
             conn.error = "no_original_dst"
             conn.detail = str(err)
@@ -205,6 +296,37 @@ class _Listener:
         xfcc: bytes | None,
         prefix: bytes,
     ) -> HttpSession:
+        pool = self.pool
+        if pool is None:
+            checkout = checkin = None
+        else:
+            plain_open = open_upstream
+
+            async def open_upstream(protocol: UpstreamProtocol) -> Upstream | None:
+                tag = self._pool_tag()
+                opened = await plain_open(protocol)
+                if opened is not None and protocol == ALPN_HTTP1:
+                    peer = conn.peer_id if self.direction == "outbound" else None
+                    self._opened[opened[1]] = Pooled(*opened, conn.upstream or "", peer, tag)
+                return opened
+
+            def checkout() -> Upstream | None:
+                # Transparent: each connection goes to its own original destination.
+                entry = pool.take(self._pool_tag(), conn.upstream if self.transparent else None)
+                if entry is None:
+                    return None
+                conn.upstream = entry.address
+                if self.direction == "outbound":
+                    conn.peer_id = entry.peer_id
+                return entry.reader, entry.writer
+
+            def checkin(upstream: Upstream) -> None:
+                entry = self._opened.get(upstream[1])
+                if entry is None:
+                    upstream[1].close()
+                else:
+                    pool.put(entry)
+
         return HttpSession(
             conn=conn,
             chain=self._chain,
@@ -214,7 +336,13 @@ class _Listener:
             xfcc=xfcc,
             prefix=prefix,
             draining=self._drain_event,
+            checkout=checkout,
+            checkin=checkin,
         )
+
+    def _pool_tag(self) -> object:
+        """What a pooled connection must have been opened under to be reused."""
+        return self
 
     async def _detect(
         self, reader: asyncio.StreamReader, alpn: str | None
@@ -268,6 +396,8 @@ class _Listener:
         self.stop_accepting()
         self._draining = True
         self._drain_event.set()
+        if self.pool is not None:
+            self.pool.close()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         left = set(self._tasks)
@@ -332,19 +462,57 @@ class InboundListener(_Listener):
         _nodelay(opened[1])
         return opened
 
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection
-    ) -> None:
+    async def start(self) -> None:
+        host, port = split(self.listen)
+        self._server = _Acceptor(await _bind(host, port, self.reuse_port), self._accept_tls)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info(
+            "listener started",
+            extra={"listener": self.name, "direction": self.direction, "port": self.port},
+        )
+
+    async def _accept_tls(self, sock: socket.socket) -> None:
+        try:
+            peer = sock.getpeername()
+        except OSError:  # already gone
+            sock.close()
+            return
+        await self._handle(peer, functools.partial(self._serve_tls, sock), None, sock)
+
+    async def _serve_tls(self, sock: socket.socket, conn: Connection) -> None:
+        """The TLS handshake over the accepted socket, then ``_serve``."""
+        loop = asyncio.get_running_loop()
         state = self._tls.current()
         conn.local_id = state.snapshot.spiffe_id
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
-            await writer.start_tls(state.server, ssl_handshake_timeout=self._timeouts.handshake)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=state.server,
+                ssl_handshake_timeout=self._timeouts.handshake,
+            )
         except ssl.SSLError as err:
             self._rejected(conn, classify_ssl_error(err), str(err))
             return
         except (OSError, TimeoutError, ConnectionError) as err:
             self._rejected(conn, RejectReason.HANDSHAKE_FAILED, f"{type(err).__name__}: {err}")
-            return
+            return  # the failed transport has closed the socket
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        try:
+            await self._serve(reader, writer, conn, state)
+        finally:
+            await _close(writer)
+
+    async def _serve(  # type: ignore[override]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: Connection,
+        state: TlsState,
+    ) -> None:
         chain = peer_chain_der(writer.get_extra_info("ssl_object"))
         try:
             peer = verify_peer(chain, state.snapshot.bundles, now=self._clock())
@@ -446,6 +614,11 @@ class OutboundListener(_Listener):
             await splice(reader, writer, up_reader, up_writer, conn, self._timeouts.idle)
         finally:
             await _close(up_writer)
+
+    def _pool_tag(self) -> object:
+        """The TLS state (our SVID, the bundles a peer is verified against) of the moment:
+        after a rotation, connections opened and verified under the old one are not reused."""
+        return self._tls.current()
 
     async def _connect(
         self, conn: Connection, protocol: UpstreamProtocol | None

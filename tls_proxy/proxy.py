@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from .admin import AdminHooks, AdminServer
 from .config import ProxyConfig
@@ -28,8 +28,11 @@ from .identity import (
 from .jwt_auth import JwtBundles, JwtBundleStore, WorkloadApiJwtBundles
 from .listeners import InboundListener, Listener, OutboundListener, check_protocol
 from .metrics import ProxyMetrics
-from .policy_source import PolicySource
+from .runtime import loop_name
 from .tls import TlsContexts
+
+if TYPE_CHECKING:
+    from .policy_source import PolicySource
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,7 @@ class Proxy:
             ),
         ]
         for listener in self.listeners:
+            listener.reuse_port = config.runtime.workers > 1
             await listener.start()
         self.admin = AdminServer(
             config.admin.listen,
@@ -151,6 +155,8 @@ class Proxy:
                 asyncio.create_task(self.jwt_bundles.watch(config.jwt.poll_interval))
             )
         if config.policy.server is not None:
+            from .policy_source import PolicySource  # noqa: PLC0415  grpc only when configured
+
             self.policy_source = PolicySource(
                 config.policy.server,
                 self._identity,
@@ -163,6 +169,7 @@ class Proxy:
         log.info(
             READY_LINE,
             extra={
+                "event_loop": loop_name(asyncio.get_running_loop()),
                 "spiffe_id": snapshot.spiffe_id,
                 "admin_port": self.admin.port,
                 "listeners": ",".join(f"{x.name}={x.port}" for x in self.listeners),
@@ -188,6 +195,7 @@ class Proxy:
                 pass
             else:
                 data["effective"] = {
+                    "event_loop": loop_name(asyncio.get_running_loop()),
                     "spiffe_id": snapshot.spiffe_id,
                     "trust_domains": sorted(snapshot.bundles),
                     "listeners": {x.name: x.port for x in self.listeners},

@@ -41,6 +41,62 @@ async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
     await asyncio.wait_for(writer.drain(), timeout)
 
 
+class Deadline:
+    """One timer per connection bounding whatever read or write its task awaits.
+
+    ``asyncio.wait_for`` costs a task and a timer per call; this keeps one ``call_at`` handle
+    and moves a deadline: pushing the deadline later (the usual case: every read re-arms
+    ``now + idle``) costs an assignment, and the handle, when it fires early, re-arms itself at
+    the current deadline. When the deadline passes while armed, the task is cancelled and
+    ``expired`` turns the ``CancelledError`` into ``TimeoutError`` (see ``guard``).
+    """
+
+    def __init__(self, task: asyncio.Task[object] | asyncio.Task[None] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        current = task or asyncio.current_task()
+        assert current is not None
+        self._task = current
+        self._at: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    def arm(self, at: float) -> None:
+        """Bound what the task awaits next by the loop time ``at``."""
+        self._at = at
+        handle = self._handle
+        if handle is None or handle.when() > at:
+            if handle is not None:
+                handle.cancel()
+            self._handle = self._loop.call_at(at, self._fire)
+
+    def disarm(self) -> None:
+        self._at = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        at = self._at
+        if at is None:
+            return
+        if self._loop.time() < at:
+            self._handle = self._loop.call_at(at, self._fire)
+            return
+        self._fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """After a ``CancelledError``: True when it was this deadline (not a real cancel)."""
+        if not self._fired:
+            return False
+        self._fired = False
+        return self._task.uncancel() == 0
+
+    def close(self) -> None:
+        self._at = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 async def close_stream(writer: asyncio.StreamWriter | None) -> None:
     if writer is None:
         return

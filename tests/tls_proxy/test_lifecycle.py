@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import shutil
@@ -153,6 +154,9 @@ def test_cli_run_wait_and_sigterm(tmp_path: Path) -> None:
         assert waited.returncode == 0, waited.stderr
         with urllib.request.urlopen(f"http://{admin}/ready", timeout=5) as response:
             assert response.status == 200
+        with urllib.request.urlopen(f"http://{admin}/config", timeout=5) as response:
+            expected = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+            assert json.load(response)["effective"]["event_loop"] == expected  # runtime.uvloop
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0, out

@@ -1,0 +1,107 @@
+"""Idle upstream connections kept for reuse across downstream connections (HTTP/1.1).
+
+Owns ``UpstreamPool``: per listener, the upstream connections whose last exchange ended
+cleanly, most recently used first, each closed after ``idle_timeout`` seconds unused, at
+most ``max_idle`` of them. A connection is handed out again only if nothing has happened on
+it while idle (no byte, no EOF, no error: an app that closed it, or sent a stray ``408``,
+makes it unusable), only to the same address when the listener asks for one (transparent
+listeners), and only under the same ``tag`` it was opened with: outbound, the TLS
+state (our SVID and the bundles its peer was verified against) at that time, so nothing
+opened under an identity that has since rotated is reused. The listener decides the tag and
+records the peer; the codec decides when a connection is reusable (both directions of its
+last exchange complete). It must not open connections nor read HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Pooled:
+    """One upstream connection and what the listener knows about it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    address: str  # where it goes, for the access log
+    peer_id: str | None  # the verified SPIFFE ID of the far side (outbound); None to the app
+    tag: object  # what it was opened under (outbound: the TlsState); reused only under it
+
+
+def idle_and_intact(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Nothing arrived while idle: no byte, no EOF, no error, and the transport is open."""
+    return not (
+        writer.transport.is_closing()
+        or reader.at_eof()
+        or reader.exception() is not None
+        # StreamReader has no public peek; a byte here is an answer to no request (a 408
+        # before closing, say) and would be read as the next request's response.
+        or len(reader._buffer)  # type: ignore[attr-defined]
+    )
+
+
+class UpstreamPool:
+    """Idle connections of one listener, LIFO, bounded in number and idle time."""
+
+    def __init__(self, max_idle: int, idle_timeout: float) -> None:
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+        self._idle: list[tuple[Pooled, asyncio.TimerHandle]] = []
+        self._closed = False
+        self.reused = 0  # connections handed out again (for tests and /metrics)
+
+    def __len__(self) -> int:
+        return len(self._idle)
+
+    def take(self, tag: object, address: str | None = None) -> Pooled | None:
+        """The most recently returned usable connection opened under ``tag`` (and, when
+        ``address`` is given, going there: a transparent listener's connections each go to
+        their own original destination), or None. Connections of another tag, or no longer
+        intact, are closed on the way; those to another address are kept."""
+        kept: list[tuple[Pooled, asyncio.TimerHandle]] = []
+        found: Pooled | None = None
+        while self._idle:
+            entry, timer = self._idle.pop()
+            if address is not None and entry.address != address:
+                kept.append((entry, timer))
+                continue
+            timer.cancel()
+            if entry.tag is tag and idle_and_intact(entry.reader, entry.writer):
+                self.reused += 1
+                found = entry
+                break
+            entry.writer.close()  # rotated away from, or closed/used by the far side
+        self._idle.extend(reversed(kept))
+        return found
+
+    def put(self, entry: Pooled) -> None:
+        """Keep ``entry`` for reuse (closed instead when the pool is full, closed or it is no
+        longer intact)."""
+        if (
+            self._closed
+            or len(self._idle) >= self.max_idle
+            or not idle_and_intact(entry.reader, entry.writer)
+        ):
+            entry.writer.close()
+            return
+        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, entry)
+        self._idle.append((entry, timer))
+
+    def _expire(self, entry: Pooled) -> None:
+        for index, (pooled, _) in enumerate(self._idle):
+            if pooled is entry:
+                del self._idle[index]
+                break
+        entry.writer.close()
+
+    def close(self) -> None:
+        """Close every idle connection and keep none from now on (drain)."""
+        self._closed = True
+        for entry, timer in self._idle:
+            timer.cancel()
+            entry.writer.close()
+        self._idle.clear()
