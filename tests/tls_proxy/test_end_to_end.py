@@ -94,6 +94,40 @@ def test_bytes_cross_and_inbound_sees_verified_peer(tmp_path: Path) -> None:
     run(main)
 
 
+def test_active_connections_count_what_is_open_now(tmp_path: Path) -> None:
+    ca = new_authority()
+
+    async def main() -> None:
+        async with echo_app() as echo:
+            web, _ = _configs(tmp_path, ca, echo.port)
+            async with running(web, tmp_path) as inbound:
+                client = _client_config(tmp_path, ca, inbound.port("web"), WEB)
+                async with running(client, tmp_path) as outbound:
+                    active = inbound.proxy.metrics.active
+                    reader, writer = await asyncio.open_connection(
+                        "127.0.0.1", outbound.port("to-web")
+                    )
+                    writer.write(b"ping")
+                    assert await reader.readexactly(4) == b"ping"  # authenticated, relaying
+                    assert active.value(listener="web", direction="inbound") == 1
+                    assert (
+                        outbound.proxy.metrics.active.value(listener="to-web", direction="outbound")
+                        == 1
+                    )
+                    writer.close()
+                    await writer.wait_closed()
+                    loop = asyncio.get_running_loop()
+                    deadline = loop.time() + 5
+                    while active.value(listener="web", direction="inbound") != 0:
+                        assert loop.time() < deadline, "the closed connection is still counted"
+                        await asyncio.sleep(0.02)
+                    # a refused handshake is never counted, so it cannot drive the gauge negative
+                    assert await exchange(inbound.port("web"), b"plain, no TLS") == b""
+                    assert active.value(listener="web", direction="inbound") == 0
+
+    run(main)
+
+
 def test_client_without_certificate_or_from_another_ca_is_refused(tmp_path: Path) -> None:
     ca = new_authority()
     stranger = new_authority()  # claims example.org too

@@ -1,5 +1,6 @@
 """The ``metrics`` filter: counts connections, bytes, durations and failures as they close,
-and HTTP requests (by result and status, refusals by reason) as they end."""
+HTTP requests (by result and status, refusals by reason) as they end, and the connections open
+now (from the moment the chain sees them, once authenticated, until they close)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ class MetricsFilter:
 
     def __init__(self, metrics: ProxyMetrics) -> None:
         self._m = metrics
+        self._open: set[int] = set()  # ids of the connections counted in ``active``
 
     def on_connection(self, conn: Connection) -> Deny | None:
+        if id(conn) not in self._open:
+            self._open.add(id(conn))
+            self._m.active.inc(listener=conn.listener, direction=conn.direction)
         return None
 
     def on_close(self, conn: Connection) -> None:
         m = self._m
         labels = {"listener": conn.listener, "direction": conn.direction}
+        if id(conn) in self._open:
+            self._open.discard(id(conn))
+            m.active.dec(**labels)
         m.connections.inc(result=conn.result, **labels)
         m.bytes.inc(conn.bytes_in, flow="in", **labels)
         m.bytes.inc(conn.bytes_out, flow="out", **labels)
