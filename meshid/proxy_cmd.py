@@ -27,8 +27,9 @@ def _fail(message: str) -> NoReturn:
 def proxy_run(
     config: Annotated[Path, typer.Option("--config", help="The proxy's YAML configuration.")],
 ) -> None:
-    """Run the proxy in the foreground; SIGTERM drains, SIGHUP reloads identity files and policy."""
-    from tls_proxy import ProxyError, load_config
+    """Run the proxy in the foreground; SIGTERM drains; SIGHUP (or a change of the file) reloads
+    the configuration, identity files and policy."""
+    from tls_proxy import ProxyConfig, ProxyError, load_config
     from tls_proxy.proxy import Proxy
     from tls_proxy.runtime import run_proxy, run_workers
 
@@ -38,10 +39,14 @@ def proxy_run(
     except ProxyError as err:
         _fail(str(err))
     setup_logging(cfg.log_level)
+
+    def make(cfg: ProxyConfig, index: int) -> Proxy:
+        return Proxy(cfg, config_path=config, worker=index)  # reloads re-read the file
+
     if cfg.runtime.workers > 1:
-        raise typer.Exit(run_workers(cfg, Proxy))
+        raise typer.Exit(run_workers(cfg, make))
     try:
-        run_proxy(cfg, Proxy)
+        run_proxy(cfg, make)
     except ProxyError as err:
         _fail(str(err))
 

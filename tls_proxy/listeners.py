@@ -182,6 +182,32 @@ class _Listener:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def update(
+        self,
+        config: InboundConfig | OutboundConfig,
+        chain: FilterChain,
+        timeouts: TimeoutsConfig,
+        http: HttpConfig,
+    ) -> None:
+        """A configuration reload on the same address: connections accepted from now on use
+        ``config``, ``chain``, ``timeouts`` and ``http``; open ones finish with what they had
+        (policy excepted: every request reads the shared store). Idle pooled upstream
+        connections are closed, as they may go where the new config no longer points."""
+        check_protocol(config.name, config.protocol)
+        self.protocol = config.protocol
+        self._chain = chain
+        self._timeouts = timeouts
+        self._http = http
+        if self.pool is not None:
+            self.pool.close()  # sessions that hold it check their connections in and close them
+        self.pool = (
+            UpstreamPool(http.pool_max_idle, http.pool_idle_timeout) if http.pool_max_idle else None
+        )
+        self._configure(config)
+
+    def _configure(self, config: InboundConfig | OutboundConfig) -> None:
+        raise NotImplementedError
+
     async def start(self) -> None:
         host, port = split(self.listen)
         self._server = await asyncio.start_server(
@@ -212,6 +238,7 @@ class _Listener:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
+        chain = self._chain
         peer = peer or ("?", 0)
         conn = Connection(
             listener=self.name,
@@ -237,7 +264,7 @@ class _Listener:
             # Cancelled by drain(): end quietly (asyncio logs a cancelled connection callback).
         finally:
             await _close(writer)
-            self._chain.on_close(conn)
+            chain.on_close(conn)  # the chain it was accepted under, even after a reload
             self._tasks.discard(task)
 
     async def _serve(
@@ -435,6 +462,10 @@ class InboundListener(_Listener):
             config.protocol,
             http or HttpConfig(),
         )
+        self._configure(config)
+
+    def _configure(self, config: InboundConfig | OutboundConfig) -> None:
+        assert isinstance(config, InboundConfig)
         self.config = config
         self.transparent = config.transparent
 
@@ -576,11 +607,19 @@ class OutboundListener(_Listener):
             config.protocol,
             http or HttpConfig(),
         )
+        self._own: OwnConnections | None = None
+        self._configure(config)
+
+    def _configure(self, config: InboundConfig | OutboundConfig) -> None:
+        assert isinstance(config, OutboundConfig)
         self.config = config
         self._next = itertools.cycle(range(len(config.upstream)))
         self._expect = frozenset(config.expect_ids)
         self.transparent = config.transparent
-        self._own = OwnConnections() if config.transparent else None
+        if not config.transparent:
+            self._own = None
+        elif self._own is None:  # keep the ports of connections already opening
+            self._own = OwnConnections()
 
     async def _serve(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: Connection

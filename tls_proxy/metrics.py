@@ -181,6 +181,14 @@ class ProxyMetrics:
         self.active = r.gauge(
             "meshid_proxy_active_connections", "Connections open now.", ("listener", "direction")
         )
+        # The connections counted in ``active``: shared by every chain built on these metrics,
+        # so one accepted before a reload is uncounted by the chain it closes under.
+        self.open_connections: set[int] = set()
+        self.config_reloads = r.counter(
+            "meshid_proxy_config_reloads_total",
+            "Configuration reloads (SIGHUP or a change of the file) by result.",
+            ("result",),
+        )
         self.tls_failures = r.counter(
             "meshid_proxy_tls_failures_total",
             "Peers that failed TLS or SPIFFE authentication, by reason.",

@@ -63,10 +63,14 @@ def install_signals(stop: Callable[[], None], reload: Callable[[], None]) -> Non
     loop.add_signal_handler(signal.SIGHUP, reload)
 
 
-def run_proxy(config: ProxyConfig, make: Callable[[ProxyConfig], Proxy]) -> None:
-    """Run one proxy in this process until SIGTERM/SIGINT (drain); SIGHUP reloads."""
+MakeProxy = Callable[["ProxyConfig", int], "Proxy"]  # (config, worker index) -> a Proxy
+
+
+def run_proxy(config: ProxyConfig, make: MakeProxy, index: int = 0) -> None:
+    """Run one proxy (worker ``index``) in this process until SIGTERM/SIGINT (drain); SIGHUP
+    reloads."""
     loop_factory, _ = select_loop(config.runtime.uvloop)
-    proxy = make(config)
+    proxy = make(config, index)
 
     async def main() -> None:
         install_signals(proxy.request_stop, proxy.reload)
@@ -76,7 +80,7 @@ def run_proxy(config: ProxyConfig, make: Callable[[ProxyConfig], Proxy]) -> None
         runner.run(main())
 
 
-def run_workers(config: ProxyConfig, make: Callable[[ProxyConfig], Proxy]) -> int:
+def run_workers(config: ProxyConfig, make: MakeProxy) -> int:
     """Fork ``runtime.workers`` proxies and wait for them; the exit status of the whole.
 
     Each worker is a complete proxy (identity, policy, listeners, its own admin server on
@@ -90,7 +94,7 @@ def run_workers(config: ProxyConfig, make: Callable[[ProxyConfig], Proxy]) -> in
         if pid == 0:  # the worker: run, then leave without running the parent's cleanup
             status = 0
             try:
-                run_proxy(config.for_worker(index), make)
+                run_proxy(config.for_worker(index), make, index)
             except ProxyError as err:
                 print(f"meshid: worker {index}: {err}", file=sys.stderr)
                 status = 1

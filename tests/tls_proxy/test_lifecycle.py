@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from datetime import timedelta
 from pathlib import Path
@@ -157,6 +159,27 @@ def test_cli_run_wait_and_sigterm(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"http://{admin}/config", timeout=5) as response:
             expected = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
             assert json.load(response)["effective"]["event_loop"] == expected  # runtime.uvloop
+
+        # SIGHUP re-reads the file: a listener added there starts accepting.
+        added = free_port()
+        config["inbound"].append(
+            {"name": "added", "listen": f"127.0.0.1:{added}", "forward": "127.0.0.1:9"}
+        )
+        path.write_text(yaml.safe_dump(config))
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", added), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the added listener never accepted"
+                time.sleep(0.05)  # another process's state: no event to await from here
+        with urllib.request.urlopen(f"http://{admin}/config", timeout=5) as response:
+            reload = json.load(response)["effective"]["config_reload"]
+        assert reload["result"] == "applied"
+        assert reload["changes"]["added"] == ["added"]
+
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)
         assert proc.returncode == 0, out

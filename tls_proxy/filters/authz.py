@@ -35,6 +35,7 @@ from pathlib import Path
 from authz import Engine, PolicyError, Posture, Request, parse_policies, parse_policy_dict
 from authz.model import Policy
 
+from ..errors import ProxyError
 from ..jwt_auth import (
     JwtBundles,
     JwtIdentity,
@@ -88,21 +89,56 @@ class PolicyStore:
             log.error("policy unusable at start: failing closed", extra={"error": reason})
             self.engine = Engine.deny_all(reason)
 
-    def _compile(self, policies: tuple[Policy, ...]) -> Engine:
+    def _compile(self, policies: tuple[Policy, ...], posture: Posture | None = None) -> Engine:
         return Engine.compile(
             policies,
             trust_domain=self._trust_domain,
             federated_trust_domains=self._federated,
-            default_posture=self._posture,
+            default_posture=self._posture if posture is None else posture,
+        )
+
+    def reconfigure(self, file: Path | None, default_posture: Posture) -> None:
+        """A configuration reload: another policy file (with a server: another fallback file)
+        and/or default posture. Everything is read and compiled first; on failure this raises
+        ``ProxyError`` naming the file and the reason, and nothing changes. A set received from
+        the server stays in force (only the posture applies to it)."""
+        with self._lock:
+            policies: tuple[Policy, ...] | None
+            stamp = self._stamp
+            if self.from_server and self.revision is not None:
+                policies = self._policies
+            elif file is None:
+                policies = None if self.from_server else ()
+            else:
+                stamp = _stamp_of(file)
+                try:
+                    policies = parse_policies(file.read_text(), str(file)).policies
+                except OSError as err:
+                    raise ProxyError(f"policy: {file}: cannot read: {err.strerror}") from err
+                except (PolicyError, UnicodeDecodeError) as err:
+                    raise ProxyError(f"policy: {err}") from err
+            try:
+                engine = (
+                    Engine.deny_all(NO_POLICY_YET)
+                    if policies is None
+                    else self._compile(policies, default_posture)
+                )
+            except PolicyError as err:
+                raise ProxyError(f"policy: {err}") from err
+            self.file = file
+            self._posture = default_posture
+            self._policies = policies
+            self._stamp = stamp
+            self.engine = engine
+            self.last_error = None
+        log.info(
+            "policy reconfigured",
+            extra={"file": str(file), "default_posture": str(default_posture)},
         )
 
     def _file_stamp(self) -> tuple[int, int] | None:
         assert self.file is not None
-        try:
-            st = os.stat(self.file)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size)
+        return _stamp_of(self.file)
 
     def reload(self) -> bool:
         """Read and compile the file now; on failure keep the last good engine and log why.
@@ -186,6 +222,14 @@ class PolicyStore:
         while True:
             await asyncio.sleep(interval)
             self.poll()
+
+
+def _stamp_of(file: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(file)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
 
 
 def _json(document: bytes, name: str) -> object:

@@ -14,19 +14,18 @@ class MetricsFilter:
 
     def __init__(self, metrics: ProxyMetrics) -> None:
         self._m = metrics
-        self._open: set[int] = set()  # ids of the connections counted in ``active``
 
     def on_connection(self, conn: Connection) -> Deny | None:
-        if id(conn) not in self._open:
-            self._open.add(id(conn))
+        if id(conn) not in self._m.open_connections:
+            self._m.open_connections.add(id(conn))
             self._m.active.inc(listener=conn.listener, direction=conn.direction)
         return None
 
     def on_close(self, conn: Connection) -> None:
         m = self._m
         labels = {"listener": conn.listener, "direction": conn.direction}
-        if id(conn) in self._open:
-            self._open.discard(id(conn))
+        if id(conn) in m.open_connections:
+            m.open_connections.discard(id(conn))
             m.active.dec(**labels)
         m.connections.inc(result=conn.result, **labels)
         m.bytes.inc(conn.bytes_in, flow="in", **labels)
