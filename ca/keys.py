@@ -7,12 +7,13 @@ travel.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -48,9 +49,30 @@ def generate_key(key_type: KeyType) -> PrivateKey:
     raise InvalidArgument("key_type", f"must be one of {[k.value for k in KeyType]}", key_type)
 
 
+@functools.cache
+def _is_ec(cls: type) -> bool:
+    # Asked once per concrete key class: the ABC ``isinstance`` costs a microsecond per call,
+    # and the CA asks about every key it signs for.
+    return issubclass(cls, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
+
+
+_SUPPORTED_PUBLIC: dict[type, bool] = {}
+
+
+def is_supported_public_key(key: object) -> bool:
+    """Whether ``key`` is an ECDSA or RSA public key (decided once per concrete class)."""
+    cls = type(key)
+    known = _SUPPORTED_PUBLIC.get(cls)
+    if known is None:
+        known = isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey)
+        _SUPPORTED_PUBLIC[cls] = known
+    return known
+
+
 def key_type_of(key: PrivateKey | PublicKey) -> KeyType:
     """Name the algorithm of ``key``; unsupported keys raise ``InvalidArgument``."""
-    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+    if _is_ec(type(key)):
+        key = cast("ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey", key)
         if isinstance(key.curve, ec.SECP256R1):
             return KeyType.EC_P256
         if isinstance(key.curve, ec.SECP384R1):

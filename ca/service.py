@@ -794,6 +794,7 @@ class CaService:
         not_before = max(now - CLOCK_SKEW, authority.certificate.not_valid_before_utc)
         issued: list[IssuedX509] = []
         records: list[AuditRecord] = []
+        iso: dict[datetime, str] = {}  # a batch's SVIDs share one or two not-after times
         for req in requests:
             if req.spiffe_id.trust_domain != trust_domain:
                 raise InvalidArgument("spiffe_id", f"must be in trust domain {trust_domain}")
@@ -822,7 +823,8 @@ class CaService:
                     not_after=not_after,
                     details={
                         "serial": f"{leaf.serial_number:#x}",
-                        "not_after": not_after.isoformat(),
+                        "not_after": iso.get(not_after)
+                        or iso.setdefault(not_after, not_after.isoformat()),
                         "authority_id": authority_id,
                     },
                 )

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import cached_property
+from typing import cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,7 +32,7 @@ from spiffe import SpiffeId, TrustDomain
 from spiffe.errors import PySpiffeError
 
 from .errors import AuthorityUnavailable, InvalidArgument
-from .keys import KeyType, PrivateKey, PublicKey, key_type_of
+from .keys import KeyType, PrivateKey, PublicKey, is_supported_public_key, key_type_of
 
 __all__ = [
     "LEAF_SUBJECT_ORG",
@@ -433,10 +434,10 @@ def _hash_for(key: PrivateKey) -> hashes.SHA256 | hashes.SHA384 | hashes.SHA512:
 
 
 def _check_public_key(key: object, field: str) -> KeyType:
-    if not isinstance(key, ec.EllipticCurvePublicKey | rsa.RSAPublicKey):
+    if not is_supported_public_key(key):
         raise InvalidArgument(field, "must be ECDSA P-256/P-384 or RSA 2048/4096")
     try:
-        return key_type_of(key)
+        return key_type_of(cast("PublicKey", key))
     except InvalidArgument as err:
         raise InvalidArgument(field, err.rule) from err
 
