@@ -127,7 +127,7 @@ class TlsContexts:
     def __init__(self, source: IdentitySource) -> None:
         self._source = source
         self._lock = threading.Lock()
-        self._state = build_contexts(source.current())
+        self._state = self._build(source.current())
         self.rotations = 0
         source.subscribe(self._on_change)
 
@@ -135,9 +135,24 @@ class TlsContexts:
         with self._lock:
             return self._state
 
+    def _build(self, snapshot: IdentitySnapshot) -> TlsState:
+        state = build_contexts(snapshot)
+        state.server.sni_callback = self._at_client_hello
+        return state
+
+    def _at_client_hello(
+        self, ssl_object: ssl.SSLObject, _server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        """The server side picks its certificate when the ClientHello arrives, not when the
+        connection was accepted: a handshake that waited in a backlog across a rotation still
+        presents the current SVID (and trusts the current bundles)."""
+        current = self.current().server
+        if context is not current:
+            ssl_object.context = current
+
     def _on_change(self, snapshot: IdentitySnapshot) -> None:
         try:
-            state = build_contexts(snapshot)
+            state = self._build(snapshot)
         except IdentityError as err:
             log.error("new identity not usable for TLS; keeping the old", extra={"error": str(err)})
             return

@@ -274,6 +274,37 @@ def test_rotation_keeps_open_connections_and_new_ones_use_the_new_svid(tmp_path:
     run(main)
 
 
+def test_a_handshake_accepted_before_a_rotation_presents_the_new_svid(tmp_path: Path) -> None:
+    """The certificate is picked at the ClientHello: a connection accepted before a rotation
+    whose handshake starts after it (a backlog of handshakes) gets the current SVID, not the
+    one of the moment it was accepted, which may have expired by then."""
+    ca = new_authority()
+
+    async def main() -> None:
+        async with echo_app() as echo:
+            web, _ = _configs(tmp_path, ca, echo.port)
+            async with running(web, tmp_path) as inbound:
+                loop = asyncio.get_running_loop()
+                reader, writer = await asyncio.open_connection("127.0.0.1", inbound.port("web"))
+                await asyncio.sleep(0)  # accepted: the proxy holds its TLS state from now
+                first = inbound.proxy.identity.current().cert_chain[0]
+                write_identity(tmp_path / "web", mint(ca, WEB), ca)
+                inbound.proxy.reload()  # SIGHUP: re-read the identity files now
+                rotated = inbound.proxy.identity.current().cert_chain[0]
+                assert rotated != first
+                context = client_context(mint(ca, CLIENT), ca, tmp_path)
+                transport = await loop.start_tls(
+                    writer.transport, writer.transport.get_protocol(), context
+                )
+                assert transport is not None
+                presented = transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+                transport.close()
+                del reader
+                assert presented == rotated
+
+    run(main)
+
+
 def test_an_idle_l4_connection_is_closed_and_a_busy_one_is_not(tmp_path: Path) -> None:
     ca = new_authority()
 
