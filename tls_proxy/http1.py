@@ -10,7 +10,8 @@ stream bodies both ways with backpressure (chunked or Content-Length, re-framed 
 came), relay 1xx (``100 Continue`` from the app) and, after a ``101`` (or a 2xx to CONNECT),
 hand the bytes h11 has not parsed to ``relay.splice``. Keep-alive: the downstream connection
 serves request after request; the upstream one is reused while both its sides are done, and
-reopened otherwise (one upstream connection per downstream one; pooling is future work).
+reopened otherwise; a connection whose exchange completed cleanly can go back to the
+listener's pool (``HttpSession.checkin``) for another downstream connection.
 
 It must not parse HTTP itself (h11 does), decide policy (request filters do) nor know which
 listener it serves: ``HttpSession`` carries what differs between inbound and outbound.

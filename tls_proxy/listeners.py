@@ -148,22 +148,16 @@ class _Listener:
 
     def __init__(
         self,
-        name: str,
-        listen: str,
+        config: InboundConfig | OutboundConfig,
         tls: TlsContexts,
         chain: FilterChain,
         timeouts: TimeoutsConfig,
-        clock: Clock,
-        protocol: str,
-        http: HttpConfig,
+        clock: Clock = lambda: datetime.now(UTC),
+        http: HttpConfig | None = None,
     ) -> None:
-        self.name = name
-        self.protocol = protocol
-        self._http = http
-        self.listen = listen
+        self.name = config.name
+        self.listen = config.listen
         self._tls = tls
-        self._chain = chain
-        self._timeouts = timeouts
         self._clock = clock
         self._server: asyncio.base_events.Server | _Acceptor | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -172,11 +166,10 @@ class _Listener:
         self.port = 0
         self.reuse_port = False  # runtime.workers > 1: every worker binds the same port
         self.pool: UpstreamPool | None = None  # idle HTTP/1.1 upstream connections
-        if http.pool_max_idle:
-            self.pool = UpstreamPool(http.pool_max_idle, http.pool_idle_timeout)
         self._opened: weakref.WeakKeyDictionary[asyncio.StreamWriter, Pooled] = (
             weakref.WeakKeyDictionary()
         )  # what the pool needs to know of the HTTP/1.1 upstream connections we opened
+        self.update(config, chain, timeouts, http or HttpConfig())
 
     @property
     def in_flight(self) -> int:
@@ -192,7 +185,8 @@ class _Listener:
         """A configuration reload on the same address: connections accepted from now on use
         ``config``, ``chain``, ``timeouts`` and ``http``; open ones finish with what they had
         (policy excepted: every request reads the shared store). Idle pooled upstream
-        connections are closed, as they may go where the new config no longer points."""
+        connections are closed, as they may go where the new config no longer points. The
+        constructor applies the first configuration the same way."""
         check_protocol(config.name, config.protocol)
         self.protocol = config.protocol
         self._chain = chain
@@ -442,28 +436,6 @@ class InboundListener(_Listener):
 
     direction = "inbound"
 
-    def __init__(
-        self,
-        config: InboundConfig,
-        tls: TlsContexts,
-        chain: FilterChain,
-        timeouts: TimeoutsConfig,
-        clock: Clock = lambda: datetime.now(UTC),
-        http: HttpConfig | None = None,
-    ) -> None:
-        check_protocol(config.name, config.protocol)
-        super().__init__(
-            config.name,
-            config.listen,
-            tls,
-            chain,
-            timeouts,
-            clock,
-            config.protocol,
-            http or HttpConfig(),
-        )
-        self._configure(config)
-
     def _configure(self, config: InboundConfig | OutboundConfig) -> None:
         assert isinstance(config, InboundConfig)
         self.config = config
@@ -586,29 +558,6 @@ class OutboundListener(_Listener):
     """Plain TCP from the local app → mTLS to an upstream sidecar whose ID is expected."""
 
     direction = "outbound"
-
-    def __init__(
-        self,
-        config: OutboundConfig,
-        tls: TlsContexts,
-        chain: FilterChain,
-        timeouts: TimeoutsConfig,
-        clock: Clock = lambda: datetime.now(UTC),
-        http: HttpConfig | None = None,
-    ) -> None:
-        check_protocol(config.name, config.protocol)
-        super().__init__(
-            config.name,
-            config.listen,
-            tls,
-            chain,
-            timeouts,
-            clock,
-            config.protocol,
-            http or HttpConfig(),
-        )
-        self._own: OwnConnections | None = None
-        self._configure(config)
 
     def _configure(self, config: InboundConfig | OutboundConfig) -> None:
         assert isinstance(config, OutboundConfig)
