@@ -87,26 +87,14 @@ def validate_x509_svid(
     return spiffe_id
 
 
-def check_issued_by(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
-    """Structural link from ``leaf`` to the authority that just signed it.
-
-    The CA's self-check on its hot path (as SPIRE's credential validator): the issuer name and
-    key identifier match and the leaf's validity nests inside the issuer's. The signature itself
-    is right by construction, because ``SigningAuthority`` refuses a key that does not match its
-    certificate; ``verify_chain`` is the full path check for certificates from elsewhere.
-    """
-    _check_link(leaf, _extensions(leaf), issuer)
-
-
 def _check_link(
-    leaf: x509.Certificate,
-    extensions: _Extensions,
-    issuer: x509.Certificate,
-    issuer_der: bytes | None = None,
+    leaf: x509.Certificate, extensions: _Extensions, issuer: x509.Certificate, issuer_der: bytes
 ) -> None:
+    """Structural link from ``leaf`` to the authority that just signed it: issuer name (as DER)
+    and key identifier match, and the leaf's validity nests inside the issuer's. The signature
+    is right by construction, because ``SigningAuthority`` refuses a key that does not match
+    its certificate; ``verify_chain`` is the full path check for certificates from elsewhere."""
     facts = _issuer_facts(issuer)
-    if issuer_der is None:
-        issuer_der = _tbs_names(leaf)[0]
     if issuer_der != facts.subject_der:
         raise InvalidSvid(
             f"{_LEAF} ({_serial(leaf)}) names issuer {leaf.issuer.rfc4514_string()!r}, not the "
@@ -174,8 +162,8 @@ def check_signed_x509_svid(
 ) -> None:
     """The CA's check of an X509-SVID it has just signed, before the SVID leaves.
 
-    Every X509-SVID rule for a leaf (§2, §3.1, §4.1, §4.3, §4.4) and ``check_issued_by``'s link
-    to the signing authority, in one pass over the leaf's extensions. The one URI SAN must be
+    Every X509-SVID rule for a leaf (§2, §3.1, §4.1, §4.3, §4.4) and its link to the signing
+    authority (``_check_link``), in one pass over the leaf's extensions. The one URI SAN must be
     exactly ``spiffe_id``, the ID the request asked for, which the CA validated as a SPIFFE ID
     (canonical, non-root, in our trust domain) before signing: an exact match is stricter than
     re-parsing it. The authority's own certificates are checked when the authority is loaded
@@ -209,7 +197,7 @@ class _IssuerFacts:
 
 @functools.lru_cache(maxsize=ISSUER_CACHE)
 def _issuer_facts(issuer: x509.Certificate) -> _IssuerFacts:
-    """What ``check_issued_by`` needs of an authority, read once per authority certificate."""
+    """What ``_check_link`` needs of an authority, read once per authority certificate."""
     ski = _extension(_extensions(issuer), x509.SubjectKeyIdentifier)
     return _IssuerFacts(
         issuer.subject.public_bytes(),
