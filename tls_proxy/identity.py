@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from spiffe.workloadapi.x509_context import X509Context
 
 from .errors import IdentityError
+from .watched import FileStamp, files_stamp
 
 log = logging.getLogger(__name__)
 
@@ -196,16 +197,8 @@ class FileIdentitySource:
     def close(self) -> None:
         self._subscribers.clear()
 
-    def _file_stamp(self) -> tuple[tuple[int, int, int], ...]:
-        stamps = []
-        for path in self._paths:
-            try:
-                st = os.stat(path)
-            except OSError:
-                stamps.append((0, 0, 0))
-            else:
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(stamps)
+    def _file_stamp(self) -> tuple[FileStamp | None, ...]:
+        return files_stamp(self._paths)
 
     def poll(self) -> bool:
         """Reload if any file changed since the last good load; True when a new one took."""
@@ -214,7 +207,7 @@ class FileIdentitySource:
             return False
         return self.reload(stamp)
 
-    def reload(self, stamp: tuple[tuple[int, int, int], ...] | None = None) -> bool:
+    def reload(self, stamp: tuple[FileStamp | None, ...] | None = None) -> bool:
         """Read the files now; on failure keep the last good snapshot and log why."""
         stamp = stamp or self._file_stamp()
         with self._lock:

@@ -36,6 +36,7 @@ from ca.spiffe_light import load_all as _load_spiffe
 from .errors import ProxyError
 from .identity import ENDPOINT_ENV
 from .l7 import LocalResponse
+from .watched import FileStamp, files_stamp
 
 log = logging.getLogger(__name__)
 
@@ -116,16 +117,8 @@ class JwtBundleStore:
     def keys(self) -> JwtKeys:
         return self._keys
 
-    def _files_stamp(self) -> tuple[tuple[int, int, int] | None, ...]:
-        stamps: list[tuple[int, int, int] | None] = []
-        for file in self.files.values():
-            try:
-                st = os.stat(file)
-            except OSError:
-                stamps.append(None)
-            else:
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        return tuple(stamps)
+    def _files_stamp(self) -> tuple[FileStamp | None, ...]:
+        return files_stamp(self.files.values())
 
     def _load(self) -> JwtKeys:
         keys: dict[str, Mapping[str, PublicKey]] = {}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -35,6 +34,7 @@ from .metrics import ProxyMetrics
 from .reload import ReloadPlan, plan_reload
 from .runtime import loop_name
 from .tls import TlsContexts
+from .watched import file_stamp
 
 if TYPE_CHECKING:
     from .policy_source import PolicySource
@@ -67,16 +67,6 @@ async def open_jwt_bundles(config: ProxyConfig, trust_domain: str) -> JwtBundles
 
 
 CONFIG_POLL_INTERVAL = 1.0  # seconds between checks of the configuration file's mtime
-
-
-def _stamp(path: Path | None) -> tuple[int, int, int] | None:
-    if path is None:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _bound_at(listener: Listener, listen: str) -> bool:
@@ -128,7 +118,7 @@ class Proxy:
         # worker this is (its admin port is derived from the file's, ``for_worker``).
         self.config_path = config_path
         self._worker = worker
-        self._config_stamp = _stamp(config_path)
+        self._config_stamp = None if config_path is None else file_stamp(config_path)
         self._reloading = asyncio.Lock()
         self.reload_status: dict[str, object] = {"result": None}
 
@@ -343,7 +333,7 @@ class Proxy:
         ``/config`` (``effective.config_reload``). A failure keeps the running config."""
         if self.config_path is None:
             return
-        self._config_stamp = _stamp(self.config_path)
+        self._config_stamp = file_stamp(self.config_path)
         try:
             new = load_config(self.config_path).for_worker(self._worker)
             plan = await self.apply_config(new)
@@ -362,7 +352,7 @@ class Proxy:
         assert self.config_path is not None
         while True:
             await asyncio.sleep(CONFIG_POLL_INTERVAL)
-            if _stamp(self.config_path) != self._config_stamp:
+            if file_stamp(self.config_path) != self._config_stamp:
                 await self.reload_config_file()
 
     def _render(self) -> str:

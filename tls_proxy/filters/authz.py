@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import threading
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -46,6 +45,7 @@ from ..jwt_auth import (
 )
 from ..l7 import Exchange, LocalResponse, RequestHead, denied_response
 from ..metrics import ProxyMetrics
+from ..watched import FileStamp, file_stamp
 from .base import Connection, Deny
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ class PolicyStore:
         self._metrics = metrics
         self._lock = threading.Lock()
         self._policies: tuple[Policy, ...] | None = None
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: FileStamp | None = None
         self.engine = Engine.deny_all("policy not loaded yet")
         self.last_error: str | None = None
         if file is None and from_server:
@@ -110,12 +110,10 @@ class PolicyStore:
             elif file is None:
                 policies = None if self.from_server else ()
             else:
-                stamp = _stamp_of(file)
+                stamp = file_stamp(file)
                 try:
-                    policies = parse_policies(file.read_text(), str(file)).policies
-                except OSError as err:
-                    raise ProxyError(f"policy: {file}: cannot read: {err.strerror}") from err
-                except (PolicyError, UnicodeDecodeError) as err:
+                    policies = _read_policies(file)
+                except ProxyError as err:
                     raise ProxyError(f"policy: {err}") from err
             try:
                 engine = (
@@ -136,10 +134,6 @@ class PolicyStore:
             extra={"file": str(file), "default_posture": str(default_posture)},
         )
 
-    def _file_stamp(self) -> tuple[int, int] | None:
-        assert self.file is not None
-        return _stamp_of(self.file)
-
     def reload(self) -> bool:
         """Read and compile the file now; on failure keep the last good engine and log why.
 
@@ -147,14 +141,11 @@ class PolicyStore:
         if self.file is None or self.revision is not None:
             return False
         with self._lock:
-            stamp = self._file_stamp()
+            stamp = file_stamp(self.file)
             try:
-                text = self.file.read_text()
-                policies = parse_policies(text, str(self.file)).policies
+                policies = _read_policies(self.file)
                 engine = self._compile(policies)
-            except OSError as err:
-                return self._failed(f"{self.file}: cannot read: {err.strerror}", stamp)
-            except (PolicyError, UnicodeDecodeError) as err:
+            except (ProxyError, PolicyError) as err:
                 return self._failed(str(err), stamp)
             self._stamp = stamp
             self._policies = policies
@@ -192,7 +183,7 @@ class PolicyStore:
             self._metrics.policy_reloads.inc(result="ok")
         return True
 
-    def _failed(self, reason: str, stamp: tuple[int, int] | None) -> bool:
+    def _failed(self, reason: str, stamp: FileStamp | None) -> bool:
         self._stamp = stamp
         self.last_error = reason
         kept = "keeping the last good policy set" if self._policies is not None else "none yet"
@@ -203,7 +194,7 @@ class PolicyStore:
 
     def poll(self) -> bool:
         """Reload when the file's mtime or size changed; True when a new set took effect."""
-        if self.file is None or self._file_stamp() == self._stamp:
+        if self.file is None or file_stamp(self.file) == self._stamp:
             return False
         return self.reload()
 
@@ -224,12 +215,14 @@ class PolicyStore:
             self.poll()
 
 
-def _stamp_of(file: Path) -> tuple[int, int] | None:
+def _read_policies(file: Path) -> tuple[Policy, ...]:
+    """The policies of ``file``; ``ProxyError`` says why they cannot be read or parsed."""
     try:
-        st = os.stat(file)
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size)
+        return parse_policies(file.read_text(), str(file)).policies
+    except OSError as err:
+        raise ProxyError(f"{file}: cannot read: {err.strerror}") from err
+    except (PolicyError, UnicodeDecodeError) as err:
+        raise ProxyError(str(err)) from err
 
 
 def _json(document: bytes, name: str) -> object:
