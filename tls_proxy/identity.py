@@ -237,6 +237,17 @@ class FileIdentitySource:
             self.poll()
 
 
+def workload_api_endpoint(endpoint: str | None, what: str) -> str:
+    """``endpoint``, or ``SPIFFE_ENDPOINT_SOCKET`` when it is None; ``IdentityError`` (prefixed
+    with ``what``, the config block asking) when neither is set."""
+    endpoint = endpoint or os.environ.get(ENDPOINT_ENV)
+    if not endpoint:
+        raise IdentityError(
+            f"{what}: no Workload API address: set identity.workload_api or {ENDPOINT_ENV}"
+        )
+    return endpoint
+
+
 class WorkloadApiIdentitySource:
     """Identity streamed from the Workload API through py-spiffe's ``X509Source``."""
 
@@ -246,12 +257,7 @@ class WorkloadApiIdentitySource:
         ``endpoint`` is ``unix:///path`` or ``tcp://IP:PORT``; ``None`` uses
         ``SPIFFE_ENDPOINT_SOCKET``.
         """
-        endpoint = endpoint or os.environ.get(ENDPOINT_ENV)
-        if not endpoint:
-            raise IdentityError(
-                f"identity: no Workload API address: set identity.workload_api or {ENDPOINT_ENV}"
-            )
-        self.endpoint = endpoint
+        self.endpoint = endpoint = workload_api_endpoint(endpoint, "identity")
         self._subscribers = _Subscribers()
         self._lock = threading.Lock()
         self._version = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -34,7 +33,7 @@ from ca.keys import PublicKey
 from ca.spiffe_light import load_all as _load_spiffe
 
 from .errors import ProxyError
-from .identity import ENDPOINT_ENV
+from .identity import workload_api_endpoint
 from .l7 import LocalResponse
 from .watched import FileStamp, files_stamp
 
@@ -184,12 +183,7 @@ class WorkloadApiJwtBundles:
 
     def __init__(self, endpoint: str | None, *, timeout: float) -> None:
         """Blocks until the first bundle set arrives (call it in a thread from async code)."""
-        endpoint = endpoint or os.environ.get(ENDPOINT_ENV)
-        if not endpoint:
-            raise ProxyError(
-                f"jwt: no Workload API address: set identity.workload_api or {ENDPOINT_ENV}"
-            )
-        self.endpoint = endpoint
+        self.endpoint = endpoint = workload_api_endpoint(endpoint, "jwt")
         self.last_error: str | None = None
         self._lock = threading.Lock()
         _load_spiffe()  # the Workload API client (grpc) is loaded only for this source
