@@ -1,20 +1,33 @@
-"""The HTTP/1.1 codec: h11 on both sides of a proxied connection, one request at a time.
+"""The HTTP/1.1 codec: a fast path for the common shapes, h11 for everything else, on both
+sides of a proxied connection, one request at a time.
 
-Owns driving two h11 state machines (``SERVER`` toward whoever connected to us, ``CLIENT``
-toward the upstream) over asyncio streams: read a request head (limits: h11's
-``max_incomplete_event_size`` for its size, ``http.max_headers`` for its field count; a header
-timeout from its first byte, a keep-alive timeout before it), refuse smuggling shapes h11
-accepts (``l7.check_raw_head``/``check_fields``), normalize the target (``path.normalize_path``)
-before the request filters see it, forward exactly that target with identity headers rewritten,
-stream bodies both ways with backpressure (chunked or Content-Length, re-framed by h11 as they
-came), relay 1xx (``100 Continue`` from the app) and, after a ``101`` (or a 2xx to CONNECT),
-hand the bytes h11 has not parsed to ``relay.splice``. Keep-alive: the downstream connection
-serves request after request; the upstream one is reused while both its sides are done, and
-reopened otherwise; a connection whose exchange completed cleanly can go back to the
-listener's pool (``HttpSession.checkin``) for another downstream connection.
+Owns reading request heads (limits: ``http.max_header_bytes`` for their size, ``http.max_headers``
+for their field count; a header timeout from the first byte, a keep-alive timeout before it),
+normalizing the target (``path.normalize_path``) before the request filters see it, forwarding
+exactly that target with identity headers rewritten, and relaying the answer. Keep-alive: the
+downstream connection serves request after request; the upstream one is reused while both its
+sides are done, and reopened otherwise; a connection whose exchange completed cleanly can go back
+to the listener's pool (``HttpSession.checkin``) for another downstream connection.
 
-It must not parse HTTP itself (h11 does), decide policy (request filters do) nor know which
-listener it serves: ``HttpSession`` carries what differs between inbound and outbound.
+Two ways to carry an exchange, chosen per exchange:
+
+- **Fast path** (``h1fast``): a request head ``h1fast.parse_request`` accepts (origin-form,
+  ``Content-Length`` or no body, up to ``FAST_BODY_MAX`` read whole before it goes upstream) and
+  a final response framed by ``Content-Length`` (or by its status or a ``HEAD``) are parsed from
+  our own buffers, rendered as bytes and relayed in one write each way; a large response body is
+  streamed with backpressure.
+- **h11**: anything the fast path declines (chunked bodies, ``Expect: 100-continue``, upgrades and
+  CONNECT, HTTP/1.0, larger request bodies, any head that is not plainly valid) is driven by two
+  h11 state machines (``SERVER`` toward whoever connected, ``CLIENT`` toward the upstream), with
+  the smuggling checks h11 does not make (``l7.check_raw_head``/``check_fields``); bodies stream
+  both ways with backpressure, 1xx are relayed and, after a ``101`` (or a 2xx to CONNECT), the
+  bytes h11 has not parsed go to ``relay.splice``. A response the fast path declines after it
+  sent the request (1xx, chunked, read until close) gets machines caught up with the exchange.
+  Once both machines are idle again, the connection returns to the fast path.
+
+It must not parse HTTP beyond ``h1fast``'s shapes (h11 does), decide policy (request filters do)
+nor know which listener it serves: ``HttpSession`` carries what differs between inbound and
+outbound.
 """
 
 from __future__ import annotations
@@ -31,6 +44,8 @@ from typing import Literal
 
 import h11
 
+from . import h1fast
+from .h1fast import DECLINED
 from .l7 import (
     XFCC_HEADER,
     Exchange,
@@ -54,6 +69,9 @@ from .relay import CHUNK, Deadline, close_stream, drain, splice
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE_HEAD = 64 * 1024  # an app's response head may be larger than what we accept
+# A request body up to this size is read whole before the request goes upstream on the fast
+# path; a larger one is streamed by the h11 path.
+FAST_BODY_MAX = 64 * 1024
 # RFC 9110 §9.2.2: may be sent twice; only these are retried on a new upstream connection
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -81,24 +99,31 @@ class _Http1:
         self.writer = writer
         self.s = session
         self.conn = session.conn
-        self.down = h11.Connection(
-            h11.SERVER, max_incomplete_event_size=session.settings.max_header_bytes
-        )
+        # Between exchanges both sides are in fast mode: no h11 machine, our own buffers
+        # (``buf`` from the client, ``upbuf`` from the upstream). An exchange the fast path
+        # declines gets fresh h11 machines, dropped again once both are idle.
+        self.down: h11.Connection | None = None
         self.up: h11.Connection | None = None
+        self.buf = bytearray(session.prefix)  # read by protocol detection: the first request
+        self.upbuf = bytearray()
+        self.conn.bytes_in += len(session.prefix)
         self.upstream: Upstream | None = None
         self.reused = False  # the upstream connection came from the pool
         self.up_received = 0  # bytes from the upstream during the current exchange
+        self.up_clean = False  # fast mode: the upstream's last exchange completed, reusable
+        self.answered = False  # fast mode: a byte of the current response went to the client
         self.begun = False  # a byte of the current request has arrived
         self.deadline = Deadline()  # bounds the reads and writes of this (the connection's) task
-        if session.prefix:  # read by protocol detection: the start of the first request
-            self.conn.bytes_in += len(session.prefix)
-            self.down.receive_data(session.prefix)
 
     async def run(self) -> None:
         try:
             while await self._one():
-                self._next_cycle_down()
-                await self._next_cycle_up()
+                if self.down is None:
+                    await self._next_fast_up()
+                else:
+                    self._next_cycle_down()
+                    await self._next_cycle_up()
+                    await self._leave_h11()
         finally:
             self.deadline.close()
             self._checkin()  # the client is leaving; a complete upstream exchange is kept
@@ -110,8 +135,9 @@ class _Http1:
         """Serve one request; True when the connection may carry the next one."""
         ex = Exchange()
         self.begun = False
+        self.answered = False
         try:
-            request = await self._read_head(ex)
+            request = await self._read_any_head(ex)
             if request is None:
                 return False
             return await self._handle(request, ex)
@@ -140,8 +166,81 @@ class _Http1:
                 self.conn.requests += 1
                 self.s.chain.on_request_end(self.conn, ex)
 
+    async def _read_any_head(self, ex: Exchange) -> h1fast.Request | h11.Request | None:
+        """The next request head, by the fast path when it takes it, else by h11."""
+        if self.down is None:
+            request = await self._read_head_fast(ex)
+            if request is not DECLINED:
+                return request
+            self.down = self._h11_server(bytes(self.buf))
+            self.buf.clear()
+        return await self._read_head(ex)
+
+    async def _read_head_fast(self, ex: Exchange) -> h1fast.Request | h1fast.Declined | None:
+        """The next request head with its whole body in ``buf``; None when the peer closed
+        or went idle; ``DECLINED`` when the head is not a shape the fast path serves."""
+        settings = self.s.settings
+        loop = asyncio.get_running_loop()
+        buf = self.buf
+        deadline: float | None = None
+        if buf:
+            self._begin(ex)
+            deadline = loop.time() + settings.header_timeout
+        request: h1fast.Request | h1fast.Declined | None = None
+        while True:
+            if buf:
+                request = h1fast.parse_request(
+                    buf,
+                    max_bytes=settings.max_header_bytes,
+                    max_headers=settings.max_headers,
+                    max_body=FAST_BODY_MAX,
+                )
+                if request is not None:
+                    break
+            try:
+                data = await self._recv(
+                    self.reader,
+                    loop.time() + settings.keepalive_timeout if deadline is None else deadline,
+                )
+            except TimeoutError as err:
+                if deadline is None:
+                    return None  # idle keep-alive connection: close quietly (RFC 9112 §9.5)
+                raise HttpRejected(
+                    408,
+                    "header_timeout",
+                    f"no complete request head within {settings.header_timeout} s",
+                ) from err
+            if not data:
+                if self.begun:
+                    raise _ClientGone
+                return None
+            if deadline is None:
+                self._begin(ex)
+                deadline = loop.time() + settings.header_timeout
+            buf += data
+            self.conn.bytes_in += len(data)
+        if request is DECLINED:
+            return DECLINED
+        while len(buf) < request.size + request.length:  # the rest of a small body
+            data = await self._recv(self.reader, loop.time() + self.s.idle)
+            if not data:
+                raise _ClientGone
+            buf += data
+            self.conn.bytes_in += len(data)
+        return request
+
+    def _h11_server(self, data: bytes) -> h11.Connection:
+        """An h11 machine toward the client, fed ``data`` (what we hold of its bytes)."""
+        down = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.s.settings.max_header_bytes
+        )
+        if data:  # h11 reads an empty chunk as the end of the stream
+            down.receive_data(data)
+        return down
+
     async def _read_head(self, ex: Exchange) -> h11.Request | None:
-        """The next request head, checked; None when the peer closed or went idle."""
+        """The next request head by h11, checked; None when the peer closed or went idle."""
+        assert self.down is not None
         settings = self.s.settings
         loop = asyncio.get_running_loop()
         head = bytearray(self.down.trailing_data[0])
@@ -191,11 +290,13 @@ class _Http1:
             self.begun = True
             ex.started, ex.started_at = time.monotonic(), datetime.now(UTC)
 
-    async def _handle(self, request: h11.Request, ex: Exchange) -> bool:
+    async def _handle(self, request: h1fast.Request | h11.Request, ex: Exchange) -> bool:
         settings = self.s.settings
         method = request.method.decode("ascii")
         raw_target = request.target.decode("latin-1")
-        headers: list[Header] = list(request.headers.raw_items())
+        headers: list[Header] = (
+            request.headers if isinstance(request, h1fast.Request) else request.headers.raw_items()
+        )
         host = next((v.decode("latin-1") for n, v in headers if n.lower() == b"host"), None)
         ex.method, ex.host = method, host
         path: str | None
@@ -221,15 +322,191 @@ class _Http1:
         answer = await self.s.chain.on_request(self.conn, head, ex)
         if answer is not None:
             ex.result = "denied"
+            if isinstance(request, h1fast.Request):
+                return await self._answer_fast(answer, ex, request)
             return await self._answer(answer, ex)
         upstream = await self._upstream()
         if upstream is None:
             raise _UpstreamFailed(self.conn.detail or "upstream unreachable")
         ex.result = "allowed"
+        if isinstance(request, h1fast.Request):
+            return await self._forward_fast(request, target.encode("ascii"), forwarded, ex)
         outgoing = h11.Request(
             method=request.method, target=target.encode("ascii"), headers=forwarded
         )
         return await self._forward(outgoing, ex, streaming=upgrade or method == "CONNECT")
+
+    # -- the fast path --------------------------------------------------------------------
+
+    async def _forward_fast(
+        self, request: h1fast.Request, target: bytes, forwarded: list[Header], ex: Exchange
+    ) -> bool:
+        """Send a fast-path request (its whole body is in ``buf``) and relay the answer; True
+        when the connection may carry the next request."""
+        end = request.size + request.length
+        raw = bytes(self.buf[:end])
+        del self.buf[:end]
+        ex.bytes_in += request.length
+        data = h1fast.request_head(request.method, target, forwarded) + raw[request.size :]
+        try:
+            await self._send_fast(data)
+            return await self._response_fast(request, target, forwarded, raw, ex)
+        except _UpstreamFailed as err:
+            if not (
+                self.reused
+                and self.up_received == 0
+                and not self.answered
+                and self.down is None
+                and request.method in IDEMPOTENT
+            ):
+                raise
+            log.info("pooled upstream connection failed; retrying", extra={"detail": str(err)})
+            await self._drop_upstream()
+            if await self._upstream(pooled=False) is None:
+                raise _UpstreamFailed(self.conn.detail or "upstream unreachable") from err
+            await self._send_fast(data)
+            return await self._response_fast(request, target, forwarded, raw, ex)
+
+    async def _send_fast(self, data: bytes) -> None:
+        self.up_received = 0
+        self.up_clean = False
+        self.upbuf.clear()
+        await self._write_up(data)
+
+    async def _response_fast(
+        self,
+        request: h1fast.Request,
+        target: bytes,
+        forwarded: list[Header],
+        raw: bytes,
+        ex: Exchange,
+    ) -> bool:
+        """Relay the response to a fast-path request: a final response framed by its
+        Content-Length (or without a body) is passed through here; any other shape (1xx,
+        chunked, read until close) goes to h11, caught up with the exchange so far."""
+        assert self.upstream is not None
+        reader = self.upstream[0]
+        upbuf = self.upbuf
+        head_request = request.method == b"HEAD"
+        while True:
+            response = h1fast.parse_response(
+                upbuf, max_bytes=MAX_RESPONSE_HEAD, head_request=head_request
+            )
+            if response is not None:
+                break
+            upbuf += await self._recv_up(reader)
+        if response is DECLINED:
+            return await self._response_h11(request, target, forwarded, raw, ex)
+        ex.status = response.status
+        headers = forward_headers(response.headers)
+        if request.close:
+            headers.append((b"connection", b"close"))
+        end = response.size + response.length
+        body = upbuf[response.size : end]  # what has arrived of the body
+        del upbuf[:end]
+        remaining = response.length - len(body)
+        self.answered = True
+        out = h1fast.response_head(response.status_line, headers) + body
+        await self._write_down(out)
+        while remaining:
+            data = await self._recv_up(reader)
+            if len(data) > remaining:  # bytes after the body: the upstream broke framing
+                upbuf += data[remaining:]
+                data = data[:remaining]
+            remaining -= len(data)
+            await self._write_down(data)
+        ex.bytes_out += response.length
+        self.up_clean = not response.close and not upbuf
+        return not request.close
+
+    async def _recv_up(self, reader: asyncio.StreamReader) -> bytes:
+        """The next bytes of the upstream's answer; an error or an early end fails it."""
+        try:
+            data = await self._recv_idle(reader)
+        except (OSError, ssl.SSLError) as err:
+            raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+        if not data:
+            raise _UpstreamFailed("the upstream closed before the response ended")
+        self.up_received += len(data)
+        return data
+
+    async def _response_h11(
+        self,
+        request: h1fast.Request,
+        target: bytes,
+        forwarded: list[Header],
+        raw: bytes,
+        ex: Exchange,
+    ) -> bool:
+        """Hand a response the fast path does not serve to h11: both machines are brought to
+        where this exchange stands (the request read and sent whole), then h11 relays it."""
+        down = self._h11_server(raw + bytes(self.buf))  # the next request too, if pipelined
+        self.buf.clear()
+        while not isinstance(down.next_event(), h11.EndOfMessage):
+            pass
+        up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        up.send(h11.Request(method=request.method, target=target, headers=forwarded))
+        if request.length:
+            up.send(h11.Data(data=raw[request.size :]))
+        up.send(h11.EndOfMessage())
+        if self.upbuf:
+            up.receive_data(bytes(self.upbuf))
+            self.upbuf.clear()
+        self.down, self.up = down, up
+        if await self._pump_response(ex, self._recv_idle) == "switch":
+            await self._tunnel()
+            return False
+        return down.our_state is h11.DONE and down.their_state is h11.DONE
+
+    async def _answer_fast(
+        self, answer: LocalResponse, ex: Exchange, request: h1fast.Request
+    ) -> bool:
+        """Send a filter's answer to a fast-path request (whose body was read whole)."""
+        del self.buf[: request.size + request.length]
+        ex.status = answer.status
+        headers: list[Header] = [
+            (b"content-type", b"text/plain"),
+            (b"content-length", str(len(answer.body)).encode()),
+            *answer.headers,
+        ]
+        if request.close:
+            headers.append((b"connection", b"close"))
+        status = f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}".encode()
+        self.answered = True
+        await self._write_down(h1fast.response_head(status, headers) + answer.body)
+        return not request.close
+
+    async def _next_fast_up(self) -> None:
+        """After a fast exchange: pool the upstream connection, keep it, or drop it."""
+        if self.upstream is None or self._checkin():
+            return
+        if not self.up_clean:
+            await self._drop_upstream()
+
+    async def _leave_h11(self) -> None:
+        """Back to fast mode once h11 has served its exchange and both machines are idle."""
+        down, up = self.down, self.up
+        assert down is not None
+        if down.our_state is not h11.IDLE or down.their_state is not h11.IDLE:
+            return
+        data, closed = down.trailing_data
+        if closed:
+            return
+        if up is not None:
+            if (
+                up.our_state is h11.IDLE
+                and up.their_state is h11.IDLE
+                and up.trailing_data
+                == (
+                    b"",
+                    False,
+                )
+            ):
+                self.up, self.up_clean = None, True
+            else:
+                await self._drop_upstream()
+        self.down = None
+        self.buf[:] = data
 
     # -- relaying ------------------------------------------------------------------------
 
@@ -242,6 +519,7 @@ class _Http1:
         arriving (or ``Expect: 100-continue``, an upgrade, CONNECT) needs both directions at
         once: ``_relay`` runs them as two tasks.
         """
+        self._h11_client()
         body: list[bytes] = []
         complete = False if streaming else self._buffered_body(body, ex)
         self.up_received = 0
@@ -260,11 +538,16 @@ class _Http1:
             await self._drop_upstream()
             if await self._upstream(pooled=False) is None:
                 raise _UpstreamFailed(self.conn.detail or "upstream unreachable") from err
+            self._h11_client()
             await self._write_up(self._encode_up(head, body, end=True))
             outcome = await self._pump_response(ex, self._recv_idle)
         if outcome == "switch":
             await self._tunnel()
             return False
+        return self._down_done()
+
+    def _down_done(self) -> bool:
+        assert self.down is not None
         return self.down.our_state is h11.DONE and self.down.their_state is h11.DONE
 
     def _encode_up(self, head: h11.Request, body: list[bytes], *, end: bool) -> bytes:
@@ -278,6 +561,7 @@ class _Http1:
     def _may_retry(self, head: h11.Request) -> bool:
         """Whether a failed exchange may be sent again: on a reused connection that gave no
         byte back, and an idempotent method (RFC 9110 §9.2.2), as the app may have acted."""
+        assert self.down is not None
         return (
             self.reused
             and self.up_received == 0
@@ -287,6 +571,7 @@ class _Http1:
 
     def _buffered_body(self, body: list[bytes], ex: Exchange) -> bool:
         """The request body h11 already holds, into ``body``; True once it is complete."""
+        assert self.down is not None
         while True:
             try:
                 event = self.down.next_event()
@@ -322,10 +607,11 @@ class _Http1:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(requests, responses, return_exceptions=True)
-        return self.down.our_state is h11.DONE and self.down.their_state is h11.DONE
+        return self._down_done()
 
     async def _pump_request(self, ex: Exchange) -> None:
         """Request body: downstream → upstream until its end (flow control by ``drain``)."""
+        assert self.down is not None
         while True:
             try:
                 event = self.down.next_event()
@@ -354,6 +640,7 @@ class _Http1:
         What h11 renders is written once per batch of parsed events (a head, its body and its
         end usually arrive together), not once per event; ``recv`` reads with the timeout.
         """
+        assert self.down is not None
         assert self.up is not None and self.upstream is not None
         up, (up_reader, _) = self.up, self.upstream
         out: list[bytes] = []
@@ -417,6 +704,7 @@ class _Http1:
 
     async def _tunnel(self) -> None:
         """After a switch: hand over what h11 buffered, then relay opaque bytes both ways."""
+        assert self.down is not None
         assert self.up is not None and self.upstream is not None
         up_reader, up_writer = self.upstream
         rest_down, rest_up = self.down.trailing_data[0], self.up.trailing_data[0]
@@ -431,6 +719,7 @@ class _Http1:
 
     async def _answer(self, answer: LocalResponse, ex: Exchange) -> bool:
         """Send a filter's answer; keep the connection only if the request body was read."""
+        assert self.down is not None
         self._discard_buffered_body()
         close = self.down.their_state is not h11.DONE
         ex.status = answer.status
@@ -451,6 +740,7 @@ class _Http1:
 
     def _discard_buffered_body(self) -> None:
         """Consume the request body h11 already holds, without waiting for more."""
+        assert self.down is not None
         with contextlib.suppress(h11.RemoteProtocolError):
             while self.down.their_state is h11.SEND_BODY:
                 event = self.down.next_event()
@@ -459,7 +749,10 @@ class _Http1:
 
     async def _refuse(self, status: int) -> int | None:
         """A terse error answer and ``Connection: close``, unless a response has begun."""
-        if self.down.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self.down is None:
+            if self.answered:
+                return None
+        elif self.down.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return None
         body = HTTPStatus(status).phrase.encode()
         fresh = h11.Connection(h11.SERVER)  # ours may be in ERROR: render with a clean one
@@ -487,6 +780,7 @@ class _Http1:
     # -- plumbing -------------------------------------------------------------------------
 
     def _render_down(self, event: h11.Event) -> bytes:
+        assert self.down is not None
         return self.down.send(event) or b""
 
     async def _flush_down(self, out: list[bytes]) -> None:
@@ -501,6 +795,12 @@ class _Http1:
     async def _send_up(self, event: h11.Event) -> None:
         assert self.up is not None
         await self._write_up(self.up.send(event) or b"")
+
+    async def _write_down(self, data: bytes | bytearray) -> None:
+        """Write toward the client and wait for room (the fast path's one write)."""
+        self.writer.write(data)
+        self.conn.bytes_out += len(data)
+        await drain(self.writer, self.s.idle)
 
     async def _write_up(self, data: bytes) -> None:
         assert self.upstream is not None
@@ -536,24 +836,34 @@ class _Http1:
             idle = self.s.checkout() if pooled and self.s.checkout is not None else None
             self.reused = idle is not None
             self.upstream = idle or await self.s.open_upstream("http/1.1")
-            if self.upstream is None:
-                return None
-            self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+            self.up, self.up_clean = None, False
+            self.upbuf.clear()
         return self.upstream
+
+    def _h11_client(self) -> None:
+        """An h11 machine for the upstream connection, unless it has one (in fast mode it
+        has none between exchanges)."""
+        if self.up is None:
+            self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
 
     def _checkin(self) -> bool:
         """Give the upstream connection back to the pool if its last exchange completed both
         ways (never after an incomplete or ``close``-d response, a switch or an error)."""
         up, upstream, checkin = self.up, self.upstream, self.s.checkin
-        if checkin is None or up is None or upstream is None:
+        if checkin is None or upstream is None:
             return False
-        if up.our_state is not h11.DONE or up.their_state is not h11.DONE:
+        if up is None:
+            if not self.up_clean or self.upbuf:
+                return False
+        elif up.our_state is not h11.DONE or up.their_state is not h11.DONE:
             return False
         self.upstream = self.up = None
+        self.up_clean = False
         checkin(upstream)
         return True
 
     def _next_cycle_down(self) -> None:
+        assert self.down is not None
         self.down.start_next_cycle()
 
     async def _next_cycle_up(self) -> None:
@@ -572,6 +882,8 @@ class _Http1:
             await close_stream(self.upstream[1])
         self.upstream = None
         self.up = None
+        self.up_clean = False
+        self.upbuf.clear()
 
     def _fields(self) -> dict[str, object]:
         return {

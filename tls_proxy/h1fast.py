@@ -1,0 +1,184 @@
+"""The common HTTP/1.1 message shapes, parsed and rendered without h11: the proxy's fast path.
+
+Owns ``parse_request`` and ``parse_response``: each reads one message head from the front of a
+receive buffer and returns it, ``None`` (the head is not complete yet) or ``DECLINED``. They
+accept only the shapes most traffic has, and accept them strictly:
+
+- a request line ``token SP origin-form SP HTTP/1.1``, exactly one ``Host``, a body framed by at
+  most one all-digit ``Content-Length`` (up to ``max_body``), no ``Transfer-Encoding``,
+  ``Upgrade`` nor ``Expect``;
+- a status line ``HTTP/1.1 NNN reason`` with a final status (200-599), a body framed by one
+  ``Content-Length`` or by the status (204, 304) or the request (``HEAD``);
+- CRLF line ends, field names that are tokens, field values of visible characters (obs-text
+  allowed) with optional whitespace around, no obs-fold, and the head within its size and field
+  count limits.
+
+Every head that is not exactly such a shape is ``DECLINED``, never refused here: the codec hands
+it to h11 and the hardening checks of ``l7``, which accept it with its full semantics or refuse it
+with the precise reason. So what this module accepts is a subset of what the h11 path accepts,
+and it is read the same way (``tests/tls_proxy/test_h1fast.py`` compares the two on generated
+heads). Pure: bytes in, values out; it must not do I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from .l7 import Header
+
+
+class _Declined(enum.Enum):
+    DECLINED = "declined"
+
+
+Declined = Literal[_Declined.DECLINED]
+DECLINED: Final = _Declined.DECLINED  # not a shape the fast path serves: h11's path takes it
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_VALUE_CHAR = rb"[\x21-\x7e\x80-\xff]"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (/[\x21-\x7e]*) HTTP/1\.1")
+_STATUS_LINE = re.compile(rb"HTTP/1\.1 ([2-5][0-9][0-9])(?: ([\t \x21-\x7e\x80-\xff]*))?")
+_FIELD = re.compile(
+    rb"(" + _TOKEN + rb"):[ \t]*(" + _VALUE_CHAR + rb"+(?:[ \t]+" + _VALUE_CHAR + rb"+)*)?[ \t]*"
+)
+_DIGITS = re.compile(rb"[0-9]{1,18}")
+_BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11 ends a head, bare LF included
+# Fields that send a message down h11's path: framing and protocol switches it handles itself.
+_FRAMING_AND_SWITCHING = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+
+@dataclass(slots=True)
+class Request:
+    """A request head the fast path serves; the body is ``length`` bytes after ``size``."""
+
+    method: bytes
+    target: bytes
+    headers: list[Header]
+    length: int  # Content-Length, 0 without one
+    close: bool  # ``Connection: close``: the last request of the connection
+    size: int  # bytes of the head, blank line included
+
+
+@dataclass(slots=True)
+class Response:
+    """A final response head; ``length`` body bytes follow ``size`` bytes of head."""
+
+    status: int
+    status_line: bytes
+    headers: list[Header]
+    length: int
+    close: bool  # ``Connection: close``: the upstream connection ends after this response
+    size: int
+
+
+def parse_request(
+    buf: bytes | bytearray, *, max_bytes: int, max_headers: int, max_body: int
+) -> Request | Declined | None:
+    """The request head at the front of ``buf``; ``None`` while it is incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return _incomplete(buf, max_bytes)
+    if end + 4 > max_bytes:
+        return DECLINED
+    lines = bytes(buf[:end]).split(b"\r\n")
+    if len(lines) - 1 > max_headers:
+        return DECLINED
+    line = _REQUEST_LINE.fullmatch(lines[0])
+    if line is None:
+        return DECLINED
+    fields = _fields(lines)
+    if fields is None:
+        return DECLINED
+    headers, length, close, hosts, other = fields
+    if hosts != 1 or length > max_body or other or line[1] == b"CONNECT":
+        return DECLINED
+    length = max(length, 0)
+    return Request(line[1], line[2], headers, length, close, end + 4)
+
+
+def parse_response(
+    buf: bytes | bytearray, *, max_bytes: int, head_request: bool
+) -> Response | Declined | None:
+    """The final response head at the front of ``buf``; ``None`` while it is incomplete."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return _incomplete(buf, max_bytes)
+    if end + 4 > max_bytes:
+        return DECLINED
+    lines = bytes(buf[:end]).split(b"\r\n")
+    line = _STATUS_LINE.fullmatch(lines[0])
+    if line is None:
+        return DECLINED
+    fields = _fields(lines)
+    if fields is None:
+        return DECLINED
+    headers, length, close, _, other = fields
+    if other:
+        return DECLINED  # chunked, or a protocol switch: h11 frames those
+    status = int(line[1])
+    if head_request or status in _NO_BODY_STATUS:
+        length = 0
+    elif length < 0:
+        return DECLINED  # no Content-Length: read until close; h11 re-frames that
+    return Response(status, lines[0], headers, length, close, end + 4)
+
+
+def _incomplete(buf: bytes | bytearray, max_bytes: int) -> Declined | None:
+    """No CRLF CRLF yet: wait for more, unless h11 would see the head end already (a blank
+    line with a bare LF) or the head is too large."""
+    if len(buf) > max_bytes or _BLANK_LINE.search(buf):
+        return DECLINED
+    return None
+
+
+def _fields(
+    lines: list[bytes],
+) -> tuple[list[Header], int, bool, int, set[bytes]] | None:
+    """The header lines after the first: (fields, Content-Length or -1, ``close``, the number
+    of Host fields, which of Transfer-Encoding, Upgrade and Expect are present); None when a
+    line is not a plain field, or Content-Length is repeated or not one run of digits."""
+    headers: list[Header] = []
+    length = -1
+    close = False
+    hosts = 0
+    other: set[bytes] = set()
+    for raw in lines[1:]:
+        match = _FIELD.fullmatch(raw)
+        if match is None:
+            return None
+        name, value = match[1], match[2] or b""
+        headers.append((name, value))
+        lower = name.lower()
+        if lower == b"host":
+            hosts += 1
+        elif lower == b"content-length":
+            if length >= 0 or _DIGITS.fullmatch(value) is None:
+                return None
+            length = int(value)
+        elif lower == b"connection":
+            close = close or b"close" in {token.strip().lower() for token in value.split(b",")}
+        elif lower in _FRAMING_AND_SWITCHING:
+            other.add(lower)
+    return headers, length, close, hosts, other
+
+
+def response_head(status_line: bytes, headers: list[Header]) -> bytes:
+    """A response head toward the client, fields as given (already rewritten)."""
+    out = [status_line, b"\r\n"]
+    for name, value in headers:
+        out += (name, b": ", value, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
+
+
+def request_head(method: bytes, target: bytes, headers: list[Header]) -> bytes:
+    """A request head toward the upstream, fields as given (already rewritten)."""
+    out = [method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        out += (name, b": ", value, b"\r\n")
+    out.append(b"\r\n")
+    return b"".join(out)
