@@ -31,7 +31,7 @@ def proxy_run(
     the configuration, identity files and policy."""
     from tls_proxy import ProxyConfig, ProxyError, load_config
     from tls_proxy.proxy import Proxy
-    from tls_proxy.runtime import run_proxy, run_workers
+    from tls_proxy.runtime import Worker, run_proxy, run_workers
 
     try:
         cfg = load_config(config)
@@ -40,8 +40,8 @@ def proxy_run(
         _fail(str(err))
     setup_logging(cfg.log_level)
 
-    def make(cfg: ProxyConfig, index: int) -> Proxy:
-        return Proxy(cfg, config_path=config, worker=index)  # reloads re-read the file
+    def make(cfg: ProxyConfig, worker: Worker | None) -> Proxy:
+        return Proxy(cfg, config_path=config, worker=worker)  # reloads re-read the file
 
     if cfg.runtime.workers > 1:
         raise typer.Exit(run_workers(cfg, make))
