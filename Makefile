@@ -33,6 +33,7 @@ test: lint
 bench: $(STAMP)
 	$(PY) bench/ca_sign.py
 	$(PY) bench/authz.py
+	$(PY) bench/metrics.py
 	$(PY) bench/agent.py --entries-latency 100 --sync-entries 2000 --streams 200
 	@echo "Proxy chains beside HAProxy, nginx and stunnel (needs root and apt, ~4 min): bench/proxy.sh"
 

@@ -31,7 +31,7 @@ def proxy_run(
     the configuration, identity files and policy."""
     from tls_proxy import ProxyConfig, ProxyError, load_config
     from tls_proxy.proxy import Proxy
-    from tls_proxy.runtime import run_proxy, run_workers
+    from tls_proxy.runtime import Worker, run_proxy, run_workers
 
     try:
         cfg = load_config(config)
@@ -40,8 +40,8 @@ def proxy_run(
         _fail(str(err))
     setup_logging(cfg.log_level)
 
-    def make(cfg: ProxyConfig, index: int) -> Proxy:
-        return Proxy(cfg, config_path=config, worker=index)  # reloads re-read the file
+    def make(cfg: ProxyConfig, worker: Worker | None) -> Proxy:
+        return Proxy(cfg, config_path=config, worker=worker)  # reloads re-read the file
 
     if cfg.runtime.workers > 1:
         raise typer.Exit(run_workers(cfg, make))
@@ -115,9 +115,17 @@ def proxy_iptables(
         typer.Option(
             "--exclude-outbound-cidrs",
             metavar="CIDRS",
-            help="Destination IPv4 networks not redirected.",
+            help="Destination networks not redirected (IPv4 or IPv6, each to its own table).",
         ),
     ] = None,
+    ipv4_only: Annotated[
+        bool,
+        typer.Option(
+            "--ipv4-only",
+            help="No ip6tables rules (only where the namespace has no IPv6: its TCP would "
+            "bypass the sidecar).",
+        ),
+    ] = False,
     apply: Annotated[
         bool, typer.Option("--apply", help="Apply with iptables-restore instead of printing.")
     ] = False,
@@ -125,22 +133,27 @@ def proxy_iptables(
         bool, typer.Option("--clean", help="Remove meshid's chains (other options are ignored).")
     ] = False,
 ) -> None:
-    """Print (or --apply) the nat-table REDIRECT rules of transparent mode; --clean removes them.
+    """Print (or --apply) the nat-table REDIRECT rules of transparent mode, IPv4 and IPv6;
+    --clean removes them.
 
-    Printed rules are iptables-restore input: iptables-restore --noflush < FILE.
+    Printed rules are iptables-restore input, then ip6tables-restore input (each block says
+    which loads it: iptables-restore --noflush < FILE).
     """
     from tls_proxy import ProxyError, transparent
 
+    families = (transparent.IPV4,) if ipv4_only else transparent.FAMILIES
     try:
         if clean:
             if not apply:
-                script = transparent.clean_script(transparent.NatState.installed())
-                assert script is not None
-                typer.echo(script, nl=False)
-            elif transparent.clean():
-                typer.echo("Removed meshid's transparent-mode chains from the nat table.")
+                for family in families:
+                    script = transparent.clean_script(transparent.NatState.installed(), family)
+                    assert script is not None
+                    typer.echo(script, nl=False)
+            elif cleaned := transparent.clean(families):
+                names = " and ".join(f.name for f in cleaned)
+                typer.echo(f"Removed meshid's transparent-mode chains from the {names} nat table.")
             else:
-                typer.echo("No meshid chains in the nat table; nothing to remove.")
+                typer.echo("No meshid chains in the nat tables; nothing to remove.")
             return
         options = transparent.options_from_flags(
             uid=uid,
@@ -151,14 +164,18 @@ def proxy_iptables(
             exclude_inbound_ports=exclude_inbound_ports or (),
             exclude_outbound_ports=exclude_outbound_ports or (),
             exclude_outbound_cidrs=exclude_outbound_cidrs or (),
+            ipv4_only=ipv4_only,
         )
         if not apply:
-            typer.echo(transparent.restore_script(options), nl=False)
+            for family in options.families:
+                typer.echo(transparent.restore_script(options, family=family), nl=False)
             return
         transparent.apply(options)
     except ProxyError as err:
         _fail(str(err))
+    names = " and ".join(f.name for f in options.families)
     typer.echo(
-        f"Applied transparent mode to the nat table: inbound TCP -> port {options.inbound_port}, "
-        f"outbound TCP -> port {options.outbound_port}, uid {options.uid} not redirected."
+        f"Applied transparent mode to the {names} nat tables: inbound TCP -> port "
+        f"{options.inbound_port}, outbound TCP -> port {options.outbound_port}, uid "
+        f"{options.uid} not redirected."
     )

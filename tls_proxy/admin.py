@@ -1,8 +1,11 @@
-"""The admin server: plain HTTP/1.1 on loopback: ``/ready``, ``/live``, ``/metrics``, ``/config``.
+"""The admin server: plain HTTP/1.1 on loopback: ``/ready``, ``/live``, ``/metrics``,
+``/metrics/worker``, ``/config``.
 
 Owns the tiny HTTP shell (h11 parses, asyncio streams carry; one request per connection) and
 routing to callables the composition root provides. ``/ready`` answers 200 only when the proxy
-says so (identity loaded, listeners up, not draining). It must not hold secrets: ``/config``
+says so (identity loaded, listeners up, not draining). ``/metrics`` answers the whole proxy's
+totals (with ``runtime.workers``, gathered from every worker), ``/metrics/worker`` this process
+alone. It must not hold secrets: ``/config``
 shows the effective configuration, which names files but never contains key material.
 """
 
@@ -12,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +32,10 @@ READ_TIMEOUT = 5.0  # seconds to send that request
 @dataclass(frozen=True)
 class AdminHooks:
     ready: Callable[[], bool]
-    metrics: Callable[[], str]
+    metrics: Callable[[], str]  # this process's own metrics
     config: Callable[[], dict[str, Any]]
+    # Every worker process's totals; None: this process is the whole proxy (``metrics``).
+    total_metrics: Callable[[], Awaitable[str]] | None = None
 
 
 class AdminServer:
@@ -52,7 +57,7 @@ class AdminServer:
             await self._server.wait_closed()
             self._server = None
 
-    def _route(self, method: str, target: str) -> tuple[int, str, bytes]:
+    async def _route(self, method: str, target: str) -> tuple[int, str, bytes]:
         path = target.split("?", 1)[0]
         if method not in ("GET", "HEAD"):
             return 405, "text/plain", b"method not allowed\n"
@@ -62,8 +67,10 @@ class AdminServer:
             if self._hooks.ready():
                 return 200, "text/plain", b"ready\n"
             return 503, "text/plain", b"not ready\n"
-        if path == "/metrics":
-            return 200, "text/plain; version=0.0.4", self._hooks.metrics().encode()
+        if path in ("/metrics", "/metrics/worker"):
+            total = self._hooks.total_metrics
+            text = await total() if path == "/metrics" and total else self._hooks.metrics()
+            return 200, "text/plain; version=0.0.4", text.encode()
         if path == "/config":
             body = json.dumps(self._hooks.config(), indent=2, sort_keys=True) + "\n"
             return 200, "application/json", body.encode()
@@ -83,7 +90,9 @@ class AdminServer:
                     request = event
                     break
                 return  # ConnectionClosed or anything else: nothing to answer
-            status, ctype, body = self._route(request.method.decode(), request.target.decode())
+            status, ctype, body = await self._route(
+                request.method.decode(), request.target.decode()
+            )
             headers = [
                 ("content-type", ctype),
                 ("content-length", str(len(body))),

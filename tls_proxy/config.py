@@ -204,8 +204,9 @@ class OutboundConfig(_Model):
         host = split_address(self.listen)[0]
         if self.transparent and host not in TRANSPARENT_OUTBOUND_HOSTS:
             raise ValueError(
-                f"expected listen on 127.0.0.1 or 0.0.0.0 with upstream: {ORIGINAL_DST} "
-                f"(REDIRECT delivers a local app's connections to 127.0.0.1; got {host!r})"
+                f"expected listen on 127.0.0.1, [::1] or a wildcard with upstream: "
+                f"{ORIGINAL_DST} (REDIRECT delivers a local app's connections to 127.0.0.1, "
+                f"or ::1 over IPv6; got {host!r})"
             )
         return self
 

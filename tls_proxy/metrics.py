@@ -3,6 +3,13 @@
 Owns counters, gauges and histograms with labels and their exposition. Enough for ``/metrics``
 without a dependency; values live in the process, guarded by one lock per metric so a
 subscriber thread (identity rotation) may count too. It must not do I/O.
+
+It also owns the totals over worker processes (``runtime.workers``): ``Registry.snapshot``
+turns a registry into plain JSON-able values and ``merge`` folds several workers' snapshots
+into one registry: counters and histograms add up, each gauge by its ``aggregate`` (``sum``
+for connections open now, ``min`` where every worker must agree, e.g. the policy revision in
+force everywhere). Counting stays a dict update in the counting process: the merge costs the
+scrape, not the request.
 """
 
 from __future__ import annotations
@@ -10,8 +17,11 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import Any, Literal
 
 LabelValues = tuple[str, ...]
+Aggregate = Literal["sum", "min", "max"]  # how worker processes' values of a gauge combine
+Snapshot = list[dict[str, Any]]  # ``Registry.snapshot``: one JSON-able dict per metric
 # Connection durations span a millisecond health check to hours-long streams.
 DURATION_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0, 3600.0)
 
@@ -55,6 +65,17 @@ class _Metric:
     def samples(self) -> list[str]:
         raise NotImplementedError
 
+    def snapshot(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "help": self.help,
+            "labelnames": list(self.labelnames),
+        }
+
 
 class Counter(_Metric):
     kind = "counter"
@@ -77,12 +98,40 @@ class Counter(_Metric):
             items = sorted(self._values.items())
         return [f"{self.name}{_labels(self.labelnames, k)} {_number(v)}" for k, v in items]
 
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            values = [[list(k), v] for k, v in self._values.items()]
+        return {**self._describe(), "values": values}
+
+    def _fold(self, key: LabelValues, value: float) -> None:
+        self._values[key] = self._values.get(key, 0.0) + value
+
 
 class Gauge(Counter):
     kind = "gauge"
 
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        aggregate: Aggregate = "sum",
+    ) -> None:
+        super().__init__(name, help_text, labelnames)
+        self.aggregate: Aggregate = aggregate
+
     def dec(self, amount: float = 1.0, /, **labels: str) -> None:
         self.inc(-amount, **labels)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {**super().snapshot(), "aggregate": self.aggregate}
+
+    def _fold(self, key: LabelValues, value: float) -> None:
+        if self.aggregate == "sum" or key not in self._values:
+            super()._fold(key, value)
+        else:
+            pick = min if self.aggregate == "min" else max
+            self._values[key] = pick(self._values[key], value)
 
 
 class Histogram(_Metric):
@@ -126,6 +175,21 @@ class Histogram(_Metric):
             lines.append(f"{self.name}_count{_labels(self.labelnames, key)} {counts[-1]}")
         return lines
 
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            values = [[list(k), list(v), self._sums[k]] for k, v in self._counts.items()]
+        return {**self._describe(), "buckets": list(self.buckets[:-1]), "values": values}
+
+    def _fold(self, key: LabelValues, counts: Sequence[int], total: float) -> None:
+        if len(counts) != len(self.buckets):
+            raise ValueError(
+                f"{self.name}: expected {len(self.buckets)} bucket counts (got {len(counts)})"
+            )
+        mine = self._counts.setdefault(key, [0] * len(self.buckets))
+        for index, count in enumerate(counts):
+            mine[index] += int(count)
+        self._sums[key] = self._sums.get(key, 0.0) + total
+
 
 class Registry:
     """Metrics by name, rendered in registration order."""
@@ -143,8 +207,15 @@ class Registry:
         self._add(metric)
         return metric
 
-    def gauge(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> Gauge:
-        metric = Gauge(name, help_text, labelnames)
+    def gauge(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        aggregate: Aggregate = "sum",
+    ) -> Gauge:
+        """A gauge; ``aggregate`` says how worker processes' values combine (see ``merge``)."""
+        metric = Gauge(name, help_text, labelnames, aggregate)
         self._add(metric)
         return metric
 
@@ -165,6 +236,48 @@ class Registry:
             lines.extend(metric.header())
             lines.extend(metric.samples())
         return "\n".join(lines) + "\n"
+
+    def snapshot(self) -> Snapshot:
+        """Every metric's values as plain lists and numbers (JSON), in registration order."""
+        return [metric.snapshot() for metric in self._metrics.values()]
+
+
+def merge(snapshots: Sequence[Snapshot]) -> Registry:
+    """One registry holding the totals of ``snapshots`` (one per worker process).
+
+    Counters and histograms add up; a gauge combines by the ``aggregate`` it was registered
+    with. Metrics come in the order the first snapshot that has them lists them. A metric
+    whose kind, labels or buckets differ between snapshots is an error (the workers run one
+    build, so it means a bug, not a value to guess).
+    """
+    merged = Registry()
+    for snapshot in snapshots:
+        for entry in snapshot:
+            name = entry["name"]
+            metric = merged._metrics.get(name)
+            if metric is None:
+                metric = _empty(entry)
+                merged._add(metric)
+            elif metric.kind != entry["kind"] or list(metric.labelnames) != entry["labelnames"]:
+                raise ValueError(f"{name}: workers disagree on its kind or labels")
+            for value in entry["values"]:
+                key = tuple(value[0])
+                if isinstance(metric, Histogram):
+                    metric._fold(key, value[1], float(value[2]))
+                elif isinstance(metric, Counter):
+                    metric._fold(key, float(value[1]))
+    return merged
+
+
+def _empty(entry: dict[str, Any]) -> _Metric:
+    name, help_text, labels = entry["name"], entry["help"], entry["labelnames"]
+    if entry["kind"] == "counter":
+        return Counter(name, help_text, labels)
+    if entry["kind"] == "gauge":
+        return Gauge(name, help_text, labels, entry.get("aggregate", "sum"))
+    if entry["kind"] == "histogram":
+        return Histogram(name, help_text, labels, entry["buckets"])
+    raise ValueError(f"{name}: unknown metric kind {entry['kind']!r}")
 
 
 class ProxyMetrics:

@@ -82,10 +82,12 @@ class PolicySource:
             self._revision_gauge = registry.gauge(
                 "meshid_proxy_policy_revision",
                 "The server's policies revision of the set in force (0: none received yet).",
+                aggregate="min",  # over workers: the oldest set any worker still enforces
             )
             self._connected_gauge = registry.gauge(
                 "meshid_proxy_policy_stream_connected",
                 "1 while the policy stream from the server is open.",
+                aggregate="min",  # over workers: 1 only while every worker's stream is open
             )
 
     # -- lifecycle ----------------------------------------------------------------------------

@@ -32,9 +32,10 @@ from .jwt_auth import JwtBundles, JwtBundleStore, WorkloadApiJwtBundles
 from .listeners import InboundListener, Listener, OutboundListener, check_protocol
 from .metrics import ProxyMetrics
 from .reload import ReloadPlan, plan_reload
-from .runtime import loop_name
+from .runtime import Worker, loop_name
 from .tls import TlsContexts
 from .watched import file_stamp
+from .worker_metrics import WorkerMetrics
 
 if TYPE_CHECKING:
     from .policy_source import PolicySource
@@ -92,7 +93,7 @@ class Proxy:
         identity: IdentitySource | None = None,
         access_log_stream: IO[str] | None = None,
         config_path: Path | None = None,
-        worker: int = 0,
+        worker: Worker | None = None,
     ) -> None:
         for name, protocol in [(i.name, i.protocol) for i in config.inbound] + [
             (o.name, o.protocol) for o in config.outbound
@@ -117,7 +118,13 @@ class Proxy:
         # ``meshid proxy run``: the file to re-read on SIGHUP or when it changes, and which
         # worker this is (its admin port is derived from the file's, ``for_worker``).
         self.config_path = config_path
-        self._worker = worker
+        self._worker = 0 if worker is None else worker.index
+        # With runtime.workers: this worker's part in the totals every worker's /metrics shows.
+        self.worker_metrics = (
+            None
+            if worker is None
+            else WorkerMetrics(worker.directory, worker.index, worker.count, self.metrics.registry)
+        )
         self._config_stamp = None if config_path is None else file_stamp(config_path)
         self._reloading = asyncio.Lock()
         self.reload_status: dict[str, object] = {"result": None}
@@ -155,9 +162,16 @@ class Proxy:
         self.listeners = [self._listener(c, config, self._chain) for c in _listeners_of(config)]
         for listener in self.listeners:
             await listener.start()
+        if self.worker_metrics is not None:
+            await self.worker_metrics.start()
         self.admin = AdminServer(
             config.admin.listen,
-            AdminHooks(ready=lambda: self._ready, metrics=self._render, config=self._config),
+            AdminHooks(
+                ready=lambda: self._ready,
+                metrics=self._render,
+                config=self._config,
+                total_metrics=None if self.worker_metrics is None else self.worker_metrics.render,
+            ),
         )
         await self.admin.start()
         if isinstance(self._identity, FileIdentitySource):
@@ -429,6 +443,8 @@ class Proxy:
         self._watchers.clear()
         if self.admin is not None:
             await self.admin.stop()
+        if self.worker_metrics is not None:  # answered the others' scrapes through the drain
+            await self.worker_metrics.stop()
         if self._tls is not None:
             self._tls.close()
         if self.jwt_bundles is not None:

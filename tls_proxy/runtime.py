@@ -5,7 +5,8 @@ Owns ``select_loop`` (the ``runtime.uvloop`` choice with a clean fallback to asy
 loop when uvloop is not installed), ``run_proxy`` (one proxy in the foreground: served until
 SIGTERM/SIGINT, SIGHUP reloads) and ``run_workers`` (``runtime.workers`` forked processes,
 each a complete proxy whose listeners bind the same ports with SO_REUSEPORT, so the kernel
-spreads connections over them; the parent only forwards SIGTERM/SIGINT/SIGHUP and waits).
+spreads connections over them; the parent only forwards SIGTERM/SIGINT/SIGHUP and waits, and
+owns the private directory where the workers meet to total their metrics, ``Worker``).
 It must not know listeners or codecs.
 """
 
@@ -15,9 +16,13 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -63,14 +68,24 @@ def install_signals(stop: Callable[[], None], reload: Callable[[], None]) -> Non
     loop.add_signal_handler(signal.SIGHUP, reload)
 
 
-MakeProxy = Callable[["ProxyConfig", int], "Proxy"]  # (config, worker index) -> a Proxy
+@dataclass(frozen=True)
+class Worker:
+    """Worker ``index`` of ``count``; ``directory`` is the parent's private (0700) directory
+    where each worker answers its metrics on a Unix socket (``worker_metrics``)."""
+
+    index: int
+    count: int
+    directory: Path
 
 
-def run_proxy(config: ProxyConfig, make: MakeProxy, index: int = 0) -> None:
-    """Run one proxy (worker ``index``) in this process until SIGTERM/SIGINT (drain); SIGHUP
-    reloads."""
+MakeProxy = Callable[["ProxyConfig", "Worker | None"], "Proxy"]  # None: the only process
+
+
+def run_proxy(config: ProxyConfig, make: MakeProxy, worker: Worker | None = None) -> None:
+    """Run one proxy (``worker``, or the whole proxy) in this process until SIGTERM/SIGINT
+    (drain); SIGHUP reloads."""
     loop_factory, _ = select_loop(config.runtime.uvloop)
-    proxy = make(config, index)
+    proxy = make(config, worker)
 
     async def main() -> None:
         install_signals(proxy.request_stop, proxy.reload)
@@ -87,14 +102,25 @@ def run_workers(config: ProxyConfig, make: MakeProxy) -> int:
     the admin port + its index: ``ProxyConfig.for_worker``). The parent forwards SIGTERM,
     SIGINT and SIGHUP to every worker. A worker that exits on its own (a crash, a failed
     start) takes the others down and the parent exits 1, for the supervisor to restart it.
+    The workers' metrics directory is created first (mkdtemp: 0700, ours alone) and removed
+    once every worker has exited.
     """
+    directory = Path(tempfile.mkdtemp(prefix="meshid-proxy-workers-"))
+    try:
+        return _fork_and_wait(config, make, directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _fork_and_wait(config: ProxyConfig, make: MakeProxy, directory: Path) -> int:
     workers: dict[int, int] = {}  # pid -> index
-    for index in range(config.runtime.workers):
+    count = config.runtime.workers
+    for index in range(count):
         pid = os.fork()
         if pid == 0:  # the worker: run, then leave without running the parent's cleanup
             status = 0
             try:
-                run_proxy(config.for_worker(index), make, index)
+                run_proxy(config.for_worker(index), make, Worker(index, count, directory))
             except ProxyError as err:
                 print(f"meshid: worker {index}: {err}", file=sys.stderr)
                 status = 1

@@ -5,19 +5,21 @@ Pure core, no I/O:
 
 - ``options_from_flags`` checks the flags of ``meshid proxy iptables`` into
   ``TransparentOptions`` (errors name the flag and the rule broken); ``ruleset`` turns them into
-  our chains and rules, laid out as Istio's istio-iptables and Linkerd's proxy-init do::
+  our chains and rules for one address ``Family`` (``IPV4``: iptables, ``IPV6``: ip6tables; the
+  same chains in both, each with its own loopback network and its own excluded CIDRs), laid out
+  as Istio's istio-iptables and Linkerd's proxy-init do::
 
       PREROUTING -p tcp → MESHID_INBOUND: excluded ports RETURN; every other port (or only the
           included ones) → MESHID_INBOUND_REDIRECT: REDIRECT --to-ports <inbound port>
       OUTPUT -p tcp → MESHID_OUTPUT: the proxy's own uid (and gid) RETURN, so that its upstream
-          connections are not caught again; traffic leaving by lo or to 127.0.0.0/8 RETURN;
+          connections are not caught again; traffic leaving by lo or to 127.0.0.0/8 (::1) RETURN;
           excluded ports and CIDRs RETURN; the rest → MESHID_OUTBOUND_REDIRECT: REDIRECT
           --to-ports <outbound port>
 
-- ``restore_script`` and ``clean_script`` write ``iptables-restore --noflush`` input that also
-  removes what an earlier run left (``NatState``, read from ``iptables-save -t nat``), so
-  applying twice leaves one copy and cleaning leaves nothing. One restore is one transaction:
-  the table never holds half a rule set.
+- ``restore_script`` and ``clean_script`` write ``iptables-restore --noflush`` (or
+  ``ip6tables-restore``) input that also removes what an earlier run left (``NatState``, read
+  from ``iptables-save -t nat``), so applying twice leaves one copy and cleaning leaves nothing.
+  One restore is one transaction: a family's table never holds half a rule set.
 - ``transparent_target`` says where a redirected connection goes (outbound: its original
   destination; inbound: the same port on loopback, the app's real port), or raises
   ``NoOriginalDestination`` when it was not redirected or would loop back into the proxy.
@@ -25,10 +27,13 @@ Pure core, no I/O:
 Thin shell: ``original_dst`` (``getsockopt(SOL_IP, SO_ORIGINAL_DST)``) and ``destination``
 (which also refuses the proxy's own connections coming back, known by ``OwnConnections``, the
 source ports of the upstream connections it is opening), ``apply`` and ``clean`` (run
-iptables-save and iptables-restore). It must not open listeners nor decide policy.
+iptables-save and iptables-restore, then the ip6 ones). It must not open listeners nor decide
+policy.
 
-The rules are IPv4 only (``iptables``; IPv6 traffic is not redirected). ``original_dst`` also
-reads IPv6 destinations (``IP6T_SO_ORIGINAL_DST``) for ip6tables rules an operator writes.
+Both families by default: IPv6 TCP that no ip6tables rule redirects would bypass the sidecar,
+so ``apply`` reads both tables before it changes either and fails, naming ``--ipv4-only``, when
+ip6tables cannot be used. ``original_dst`` reads IPv6 destinations with
+``IP6T_SO_ORIGINAL_DST``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import ipaddress
+import os
 import shutil
 import socket
 import struct
@@ -55,7 +61,6 @@ CHAINS = (INBOUND, INBOUND_REDIRECT, OUTPUT, OUTBOUND_REDIRECT)
 # The rules in built-in chains that send TCP into ours (iptables-save form, so that a saved
 # copy is recognized and deleted verbatim).
 JUMPS = (f"-A PREROUTING -p tcp -j {INBOUND}", f"-A OUTPUT -p tcp -j {OUTPUT}")
-LOOPBACK = "127.0.0.0/8"
 MAX_ID = 2**32 - 2  # (uid_t)-1 means "leave unchanged" to the kernel; it names nobody
 MAX_PORT = 65535
 
@@ -64,6 +69,23 @@ IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h (at level SOL_IPV
 SOCKADDR_IN_SIZE = 16  # struct sockaddr_in
 SOCKADDR_IN6_SIZE = 28  # struct sockaddr_in6
 RUN_TIMEOUT = 30.0  # seconds; iptables-save/-restore take milliseconds, longer is a stuck host
+
+
+@dataclass(frozen=True)
+class Family:
+    """An address family's nat table: the tools that read and load it and its loopback."""
+
+    name: str  # "IPv4", for messages
+    version: int  # ipaddress's version: which --exclude-outbound-cidrs belong here
+    save: str
+    restore: str
+    loopback: str
+
+
+IPV4 = Family("IPv4", 4, "iptables-save", "iptables-restore", "127.0.0.0/8")
+IPV6 = Family("IPv6", 6, "ip6tables-save", "ip6tables-restore", "::1/128")
+FAMILIES = (IPV4, IPV6)
+IPV4_ONLY_FLAG = "--ipv4-only"
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,19 @@ class TransparentOptions:
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[str, ...] = ()  # normalized, e.g. "169.254.169.254/32"
+    ipv4_only: bool = False  # no ip6tables rules: for a namespace without IPv6
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        return (IPV4,) if self.ipv4_only else FAMILIES
+
+    def cidrs(self, family: Family) -> tuple[str, ...]:
+        """The excluded networks of ``family``: each goes to its own family's table only."""
+        return tuple(
+            c
+            for c in self.exclude_outbound_cidrs
+            if ipaddress.ip_network(c).version == family.version
+        )
 
     def __post_init__(self) -> None:
         _check_id("--uid", self.uid, "uid")
@@ -122,7 +157,12 @@ class TransparentOptions:
             for port in ports:
                 _check_port(flag, port)
         for cidr in self.exclude_outbound_cidrs:
-            _network("--exclude-outbound-cidrs", cidr)
+            network = _network("--exclude-outbound-cidrs", cidr)
+            if self.ipv4_only and ipaddress.ip_network(network).version == IPV6.version:
+                raise ConfigError(
+                    f"--exclude-outbound-cidrs: expected IPv4 networks with {IPV4_ONLY_FLAG} "
+                    f"(got {network}): no IPv6 rules are installed to exclude it from"
+                )
 
 
 def _check_id(flag: str, value: int, kind: str) -> None:
@@ -142,10 +182,11 @@ def _check_port(flag: str, value: int) -> None:
 
 def _network(flag: str, text: str) -> str:
     try:
-        return ipaddress.IPv4Network(text.strip()).with_prefixlen
+        return ipaddress.ip_network(text.strip()).with_prefixlen
     except ValueError as err:
         raise ConfigError(
-            f"{flag}: expected an IPv4 address or network such as 10.0.0.0/8 (got {text!r}: {err})"
+            f"{flag}: expected an IPv4 or IPv6 address or network such as 10.0.0.0/8 or "
+            f"fd00::/8 (got {text!r}: {err})"
         ) from err
 
 
@@ -178,6 +219,7 @@ def options_from_flags(
     exclude_inbound_ports: Sequence[str] = (),
     exclude_outbound_ports: Sequence[str] = (),
     exclude_outbound_cidrs: Sequence[str] = (),
+    ipv4_only: bool = False,
 ) -> TransparentOptions:
     """Check the command line's values; ``ConfigError`` names the flag and the rule broken."""
     for flag, value, what in (
@@ -210,6 +252,7 @@ def options_from_flags(
         exclude_inbound_ports=_ports("--exclude-inbound-ports", exclude_inbound_ports),
         exclude_outbound_ports=_ports("--exclude-outbound-ports", exclude_outbound_ports),
         exclude_outbound_cidrs=tuple(cidrs),
+        ipv4_only=ipv4_only,
     )
 
 
@@ -221,8 +264,9 @@ class Ruleset:
     rules: tuple[str, ...]
 
 
-def ruleset(options: TransparentOptions) -> Ruleset:
-    """The nat-table rules of transparent mode for ``options`` (see the module docstring)."""
+def ruleset(options: TransparentOptions, family: Family = IPV4) -> Ruleset:
+    """The nat-table rules of transparent mode for ``options`` in ``family``'s table (see the
+    module docstring); the same in both families but for loopback and the excluded CIDRs."""
     tcp_port = "-p tcp -m tcp --dport"
     rules = [*JUMPS, f"-A {INBOUND_REDIRECT} -p tcp -j REDIRECT --to-ports {options.inbound_port}"]
     rules += [f"-A {INBOUND} {tcp_port} {p} -j RETURN" for p in options.exclude_inbound_ports]
@@ -241,9 +285,9 @@ def ruleset(options: TransparentOptions) -> Ruleset:
     # Loopback is the app talking to its own sidecar or to itself (lo also carries traffic to
     # this host's own addresses): never a mesh hop.
     rules.append(f"-A {OUTPUT} -o lo -j RETURN")
-    rules.append(f"-A {OUTPUT} -d {LOOPBACK} -j RETURN")
+    rules.append(f"-A {OUTPUT} -d {family.loopback} -j RETURN")
     rules += [f"-A {OUTPUT} {tcp_port} {p} -j RETURN" for p in options.exclude_outbound_ports]
-    rules += [f"-A {OUTPUT} -d {cidr} -j RETURN" for cidr in options.exclude_outbound_cidrs]
+    rules += [f"-A {OUTPUT} -d {cidr} -j RETURN" for cidr in options.cidrs(family)]
     rules.append(f"-A {OUTPUT} -j {OUTBOUND_REDIRECT}")
     return Ruleset(CHAINS, tuple(rules))
 
@@ -290,10 +334,12 @@ class NatState:
         return not self.chains and not self.jumps
 
 
-HEADER = (
-    "# meshid transparent mode: nat-table REDIRECT rules (docs/proxy.md, Transparent mode).\n"
-    "# Load with: iptables-restore --noflush < FILE\n"
-)
+def _header(family: Family) -> str:
+    return (
+        f"# meshid transparent mode: {family.name} nat-table REDIRECT rules "
+        "(docs/proxy.md, Transparent mode).\n"
+        f"# Load with: {family.restore} --noflush < FILE\n"
+    )
 
 
 def _removal(state: NatState, keep: Sequence[str] = ()) -> list[str]:
@@ -306,10 +352,13 @@ def _removal(state: NatState, keep: Sequence[str] = ()) -> list[str]:
     ]
 
 
-def restore_script(options: TransparentOptions, state: NatState | None = None) -> str:
-    """``iptables-restore --noflush`` input installing ``ruleset(options)``, replacing what
-    ``state`` shows is there. Declaring a chain flushes it, so re-applying leaves one copy."""
-    rules = ruleset(options)
+def restore_script(
+    options: TransparentOptions, state: NatState | None = None, family: Family = IPV4
+) -> str:
+    """``iptables-restore --noflush`` (``family.restore``) input installing ``ruleset(options,
+    family)``, replacing what ``state`` shows is there. Declaring a chain flushes it, so
+    re-applying leaves one copy."""
+    rules = ruleset(options, family)
     lines = [
         "*nat",
         *(f":{chain} - [0:0]" for chain in rules.chains),
@@ -317,16 +366,17 @@ def restore_script(options: TransparentOptions, state: NatState | None = None) -
         *rules.rules,
         "COMMIT",
     ]
-    return HEADER + "\n".join(lines) + "\n"
+    return _header(family) + "\n".join(lines) + "\n"
 
 
-def clean_script(state: NatState) -> str | None:
-    """``iptables-restore --noflush`` input removing everything of ours ``state`` shows, or None
+def clean_script(state: NatState, family: Family = IPV4) -> str | None:
+    """``family.restore --noflush`` input removing everything of ours ``state`` shows, or None
     when there is nothing to remove."""
     if state.empty:
         return None
     lines = ["*nat", *_removal(state), "COMMIT"]
-    return "# meshid transparent mode: remove its nat-table rules.\n" + "\n".join(lines) + "\n"
+    head = f"# meshid transparent mode: remove its {family.name} nat-table rules.\n"
+    return head + f"# Load with: {family.restore} --noflush < FILE\n" + "\n".join(lines) + "\n"
 
 
 def transparent_target(original: Address, local: Address, *, inbound: bool) -> Address:
@@ -485,22 +535,65 @@ def _run(argv: Sequence[str], stdin: str | None = None) -> str:
     return done.stdout
 
 
-def read_nat_state() -> NatState:
-    return NatState.parse(_run(["iptables-save", "-t", "nat"]))
+IPV6_KERNEL_MARKER = "/proc/net/if_inet6"  # present when the kernel runs IPv6 at all
 
 
-def apply(options: TransparentOptions) -> str:
-    """Install the rules of ``options`` in one ``iptables-restore --noflush`` transaction,
-    replacing what an earlier run installed; returns the input that was applied."""
-    script = restore_script(options, read_nat_state())
-    _run(["iptables-restore", "--noflush"], script)
-    return script
+def ipv6_unusable(err: ProxyError, kernel_has_ipv6: bool) -> ProxyError:
+    """``err`` from ip6tables, with what it means and the way out."""
+    way_out = (
+        "make ip6tables work, or pass --ipv4-only if the namespace has no IPv6"
+        if kernel_has_ipv6
+        else f"this kernel has IPv6 turned off (no {IPV6_KERNEL_MARKER}): pass --ipv4-only"
+    )
+    return ProxyError(
+        f"{err}; IPv6 TCP would bypass the sidecar without ip6tables rules: {way_out}"
+    )
 
 
-def clean() -> bool:
-    """Remove every meshid chain and the jumps into them; False when there was none."""
-    script = clean_script(read_nat_state())
-    if script is None:
-        return False
-    _run(["iptables-restore", "--noflush"], script)
-    return True
+def read_nat_state(family: Family = IPV4) -> NatState:
+    try:
+        return NatState.parse(_run([family.save, "-t", "nat"]))
+    except ProxyError as err:
+        if family is IPV6:
+            raise ipv6_unusable(err, os.path.exists(IPV6_KERNEL_MARKER)) from err
+        raise
+
+
+def apply(options: TransparentOptions) -> list[str]:
+    """Install the rules of ``options`` in one ``iptables-restore --noflush`` transaction per
+    family, replacing what an earlier run installed; returns the input that was applied.
+
+    Every family's table is read before any is written, so a host without usable ip6tables
+    fails with nothing changed. A family whose restore fails after an earlier one succeeded
+    leaves that one in place; the error says so (re-running is idempotent).
+    """
+    plan = [
+        (family, restore_script(options, read_nat_state(family), family))
+        for family in options.families
+    ]
+    done: list[Family] = []
+    for family, script in plan:
+        try:
+            _run([family.restore, "--noflush"], script)
+        except ProxyError as err:
+            if not done:
+                raise
+            names = " and ".join(f.name for f in done)
+            raise ProxyError(
+                f"{err}; the {names} rules are in place but {family.name} TCP is not "
+                "redirected: fix it and apply again, or remove them with --clean --apply"
+            ) from err
+        done.append(family)
+    return [script for _, script in plan]
+
+
+def clean(families: Sequence[Family] = FAMILIES) -> list[Family]:
+    """Remove every meshid chain and the jumps into them from each of ``families``' nat tables;
+    the families that had some (every table is read before any is written)."""
+    plan = [(family, clean_script(read_nat_state(family), family)) for family in families]
+    cleaned: list[Family] = []
+    for family, script in plan:
+        if script is not None:
+            _run([family.restore, "--noflush"], script)
+            cleaned.append(family)
+    return cleaned

@@ -2,9 +2,12 @@
 transparent listeners refusing what was not redirected (or their own connections coming back),
 the CLI, and (slow, root) two sidecars in network namespaces steered by the real rules:
 
-    client ns 10.77.0.1                                     server ns 10.77.0.2
+    client ns 10.77.0.1, fd77::1                            server ns 10.77.0.2, fd77::2
     client app --OUTPUT REDIRECT--> outbound :15001 ==mTLS==> --PREROUTING REDIRECT-->
         inbound :15006 --> 127.0.0.1:8080 app (answers with its request headers)
+
+and the same over IPv6 (ip6tables; the listeners on [::1]:15001 and [::]:15006, the app
+reached on [::1]:8080).
 
 The end-to-end test runs the proxies under their own uid (``--uid``, setpriv) or, as root, under
 their own gid (``--gid``); either way their own connections must not be redirected again.
@@ -37,11 +40,14 @@ from tests.support.processes import meshid
 from tls_proxy import READY_LINE, ConfigError, NoOriginalDestination, parse_config
 from tls_proxy.transparent import (
     CHAINS,
+    IPV4,
+    IPV6,
     JUMPS,
     Address,
     NatState,
     TransparentOptions,
     clean_script,
+    ipv6_unusable,
     options_from_flags,
     parse_sockaddr,
     restore_script,
@@ -89,6 +95,61 @@ def test_the_full_rule_set_in_order() -> None:
     )
 
 
+def test_ipv6_rules_are_the_same_chains_with_their_own_loopback_and_cidrs() -> None:
+    options = _options(
+        gid=1337,
+        exclude_inbound_ports=["22"],
+        exclude_outbound_ports=["53"],
+        exclude_outbound_cidrs=["169.254.169.254", "fd00:ec2::254", "10.0.0.0/8", "FD00::/8"],
+    )
+    assert options.exclude_outbound_cidrs == (
+        "169.254.169.254/32",
+        "fd00:ec2::254/128",
+        "10.0.0.0/8",
+        "fd00::/8",
+    )
+    v4, v6 = ruleset(options, IPV4), ruleset(options, IPV6)
+    assert v6.chains == v4.chains == CHAINS
+    assert [r for r in v4.rules if " -d " in r] == [
+        "-A MESHID_OUTPUT -d 127.0.0.0/8 -j RETURN",
+        "-A MESHID_OUTPUT -d 169.254.169.254/32 -j RETURN",
+        "-A MESHID_OUTPUT -d 10.0.0.0/8 -j RETURN",
+    ]
+    assert [r for r in v6.rules if " -d " in r] == [
+        "-A MESHID_OUTPUT -d ::1/128 -j RETURN",
+        "-A MESHID_OUTPUT -d fd00:ec2::254/128 -j RETURN",
+        "-A MESHID_OUTPUT -d fd00::/8 -j RETURN",
+    ]
+    # Everything else is the same rule for rule, in the same order.
+    assert [r for r in v6.rules if " -d " not in r] == [r for r in v4.rules if " -d " not in r]
+    assert ruleset(options) == v4
+
+
+def test_both_families_by_default_or_ipv4_only() -> None:
+    assert _options().families == (IPV4, IPV6)
+    assert _options(ipv4_only=True).families == (IPV4,)
+    v6 = restore_script(_options(), family=IPV6)
+    assert v6.splitlines()[1] == "# Load with: ip6tables-restore --noflush < FILE"
+    assert restore_script(_options()).splitlines()[1] == (
+        "# Load with: iptables-restore --noflush < FILE"
+    )
+    cleaning = clean_script(NatState.installed(), IPV6)
+    assert cleaning is not None and "ip6tables-restore --noflush" in cleaning
+
+
+def test_unusable_ip6tables_fails_closed_naming_the_way_out() -> None:
+    from tls_proxy import ProxyError
+
+    cause = ProxyError("ip6tables-save -t nat failed (exit 3): table nat does not exist")
+    with_ipv6 = str(ipv6_unusable(cause, kernel_has_ipv6=True))
+    assert with_ipv6.startswith(str(cause) + "; IPv6 TCP would bypass the sidecar")
+    assert with_ipv6.endswith("or pass --ipv4-only if the namespace has no IPv6")
+    without = str(ipv6_unusable(cause, kernel_has_ipv6=False))
+    assert without.endswith(
+        "this kernel has IPv6 turned off (no /proc/net/if_inet6): pass --ipv4-only"
+    )
+
+
 def test_included_inbound_ports_are_the_only_ones_redirected() -> None:
     rules = ruleset(_options(include_inbound_ports=["8080", "9090"])).rules
     inbound = [r for r in rules if r.startswith("-A MESHID_INBOUND ")]
@@ -125,7 +186,17 @@ FLAG_ERRORS = [
     ("include-own-port", {"include_inbound_ports": ["15006"]}, "is a loop"),
     ("star-and-ports", {"include_inbound_ports": ["*,80"]}, "expected * (every port) or a list"),
     ("bad-cidr", {"exclude_outbound_cidrs": ["10.0.0.1/8"]}, "has host bits set"),
-    ("v6-cidr", {"exclude_outbound_cidrs": ["fd00::/8"]}, "expected an IPv4 address or network"),
+    ("bad-v6-cidr", {"exclude_outbound_cidrs": ["fd00::1/8"]}, "has host bits set"),
+    (
+        "not-a-cidr",
+        {"exclude_outbound_cidrs": ["metadata"]},
+        "--exclude-outbound-cidrs: expected an IPv4 or IPv6 address or network",
+    ),
+    (
+        "v6-cidr-ipv4-only",
+        {"exclude_outbound_cidrs": ["10.0.0.0/8,fd00::/8"], "ipv4_only": True},
+        "--exclude-outbound-cidrs: expected IPv4 networks with --ipv4-only (got fd00::/8)",
+    ),
 ]
 
 
@@ -192,7 +263,7 @@ def test_clean_removes_jumps_then_chains_or_says_there_is_nothing() -> None:
     assert clean_script(NatState()) is None
     script = clean_script(NatState.installed())
     assert script is not None
-    assert script.splitlines()[1:] == [
+    assert script.splitlines()[2:] == [
         "*nat",
         *(j.replace("-A", "-D", 1) for j in JUMPS),
         *(f"-F {c}" for c in CHAINS),
@@ -209,9 +280,10 @@ ports = st.lists(st.integers(1, 65535), max_size=4).map(lambda xs: [",".join(map
     inbound=st.integers(1, 65535),
     exclude_in=ports,
     exclude_out=ports,
+    family=st.sampled_from([IPV4, IPV6]),
 )
 def test_what_we_install_is_found_again_to_be_removed(
-    uid: int, inbound: int, exclude_in: list[str], exclude_out: list[str]
+    uid: int, inbound: int, exclude_in: list[str], exclude_out: list[str], family: Any
 ) -> None:
     outbound = 1 if inbound != 1 else 2
     options = _options(
@@ -221,7 +293,7 @@ def test_what_we_install_is_found_again_to_be_removed(
         exclude_inbound_ports=exclude_in,
         exclude_outbound_ports=exclude_out,
     )
-    assert NatState.parse(restore_script(options)) == NatState.installed()
+    assert NatState.parse(restore_script(options, family=family)) == NatState.installed()
 
 
 # --- where a redirected connection goes -------------------------------------------------------
@@ -394,13 +466,19 @@ def test_cli_prints_restore_input_and_refuses_bad_flags_in_one_line() -> None:
     args = ["--uid", "1337", "--inbound-port", "15006", "--outbound-port", "15001"]
     printed = meshid("proxy", "iptables", *args, "--exclude-inbound-ports", "22")
     assert printed.returncode == 0, printed.stderr
-    assert printed.stdout == restore_script(_options(exclude_inbound_ports=["22"]))
+    options = _options(exclude_inbound_ports=["22"])
+    assert printed.stdout == (
+        restore_script(options, family=IPV4) + restore_script(options, family=IPV6)
+    )
+    only = meshid("proxy", "iptables", *args, "--exclude-inbound-ports", "22", "--ipv4-only")
+    assert only.stdout == restore_script(options)
     bad = meshid("proxy", "iptables", *args, "--exclude-outbound-cidrs", "10.0.0.1/8")
     assert bad.returncode == 1
-    assert bad.stderr.startswith("meshid: --exclude-outbound-cidrs: expected an IPv4")
+    assert bad.stderr.startswith("meshid: --exclude-outbound-cidrs: expected an IPv4 or IPv6")
     assert bad.stderr.count("\n") == 1
     cleaned = meshid("proxy", "iptables", "--clean")
-    assert cleaned.stdout == clean_script(NatState.installed())
+    installed = NatState.installed()
+    assert cleaned.stdout == f"{clean_script(installed, IPV4)}{clean_script(installed, IPV6)}"
 
 
 def test_cli_apply_without_iptables_fails_in_one_line() -> None:
@@ -420,11 +498,19 @@ INBOUND_PORT = 15006
 OUTBOUND_PORT = 15001
 APP_PORT = 8080
 CLIENT_IP, SERVER_IP = "10.77.0.1", "10.77.0.2"
+CLIENT_IP6, SERVER_IP6 = "fd77::1", "fd77::2"
 READY_TIMEOUT = 60.0  # seconds; a loaded 2-core machine starts Python slowly
-TOOLS = ("ip", "iptables-save", "iptables-restore", "setpriv")
+TOOLS = (
+    "ip",
+    "iptables-save",
+    "iptables-restore",
+    "ip6tables-save",
+    "ip6tables-restore",
+    "setpriv",
+)
 
 APP = r"""
-import json, sys
+import json, socket, sys
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 class Echo(BaseHTTPRequestHandler):
@@ -441,7 +527,14 @@ class Echo(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-server = HTTPServer(("0.0.0.0", int(sys.argv[1])), Echo)
+class DualStack(HTTPServer):  # one socket for both families: the sidecar reaches it on ::1 too
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+server = DualStack(("::", int(sys.argv[1])), Echo)
 print("app ready", flush=True)
 server.serve_forever()
 """
@@ -469,6 +562,8 @@ def _missing() -> str | None:
     if not sys.platform.startswith("linux"):
         return "Linux"
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if not os.path.exists("/proc/net/if_inet6"):
+        missing.append("IPv6 in the kernel")
     if os.geteuid() != 0:
         missing.insert(0, "root")
     return ", ".join(missing) or None
@@ -552,9 +647,14 @@ def _namespaces() -> Iterator[tuple[str, str]]:
                 pytest.skip(f"needs to create network namespaces (ip netns add: {done.stderr})")
             created.append(name)
         _ip("link", "add", f"mc{tag}", "type", "veth", "peer", "name", f"ms{tag}")
-        for ns, dev, address in ((client, f"mc{tag}", CLIENT_IP), (server, f"ms{tag}", SERVER_IP)):
+        for ns, dev, address, address6 in (
+            (client, f"mc{tag}", CLIENT_IP, CLIENT_IP6),
+            (server, f"ms{tag}", SERVER_IP, SERVER_IP6),
+        ):
             _ip("link", "set", dev, "netns", ns)
             _ip("-n", ns, "addr", "add", f"{address}/24", "dev", dev)
+            # nodad: usable at once, not after duplicate address detection's second or so
+            _ip("-n", ns, "addr", "add", f"{address6}/64", "dev", dev, "nodad")
             _ip("-n", ns, "link", "set", dev, "up")
             _ip("-n", ns, "link", "set", "lo", "up")
         yield client, server
@@ -581,15 +681,16 @@ def _meshid_in(ns: str, env: dict[str, str], *args: str) -> subprocess.Completed
     return _run_in(ns, env, sys.executable, "-m", "meshid", *args)
 
 
-def _nat(ns: str) -> str:
+def _nat(ns: str, save: str = "iptables-save") -> str:
     return subprocess.run(
-        _in(ns, "iptables-save", "-t", "nat"), capture_output=True, text=True, check=True
+        _in(ns, save, "-t", "nat"), capture_output=True, text=True, check=True
     ).stdout
 
 
 def _write_configs(folder: Path, owner: int) -> dict[str, Path]:
     """Identities and configs of the client sidecar (transparent outbound) and the web sidecar
-    (transparent inbound), readable by ``owner`` (keys 0600) and by nobody else."""
+    (transparent inbound), readable by ``owner`` (keys 0600) and by nobody else. Each has a
+    listener per address family: REDIRECT delivers IPv6 connections to IPv6 sockets only."""
     ca = new_authority()
     outbound = {
         "name": "out",
@@ -604,10 +705,12 @@ def _write_configs(folder: Path, owner: int) -> dict[str, Path]:
         "forward": "original_dst",
         "protocol": "http",
     }
+    outbound6 = {**outbound, "name": "out6", "listen": f"[::1]:{OUTBOUND_PORT}"}
+    inbound6 = {**inbound, "name": "in6", "listen": f"[::]:{INBOUND_PORT}"}
     configs = {}
     for name, spiffe_id, section in (
-        ("client", CLIENT, {"outbound": [outbound]}),
-        ("web", WEB, {"inbound": [inbound]}),
+        ("client", CLIENT, {"outbound": [outbound, outbound6]}),
+        ("web", WEB, {"inbound": [inbound, inbound6]}),
     ):
         files = write_identity(folder / name, mint(ca, spiffe_id), ca)
         config = {
@@ -628,15 +731,16 @@ def _write_configs(folder: Path, owner: int) -> dict[str, Path]:
 @pytest.mark.slow
 @pytest.mark.parametrize("exclusion", ["uid", "gid"])
 def test_two_sidecars_in_network_namespaces_carry_redirected_traffic(exclusion: str) -> None:
-    """The client app dials the server's address in plain HTTP; the rules take it through both
-    sidecars, so the app behind the far one sees the verified caller in x-forwarded-client-cert.
+    """The client app dials the server's address in plain HTTP, over IPv4 and over IPv6; the
+    rules take it through both sidecars, so the app behind the far one sees the verified caller
+    in x-forwarded-client-cert.
     ``uid``: the proxies run under uid 1337 and the rules exclude ``--uid 1337``; ``gid``: they
     run as root with gid 1337 and the rules also exclude ``--gid 1337``."""
     missing = _missing()
     if missing:
         pytest.skip(
-            "needs root, iproute2's ip, Debian's iptables (iptables-save/-restore) and "
-            f"util-linux's setpriv to build network namespaces; missing: {missing}"
+            "needs root, IPv6, iproute2's ip, Debian's iptables (ip[6]tables-save/-restore) "
+            f"and util-linux's setpriv to build network namespaces; missing: {missing}"
         )
     env = {
         **os.environ,
@@ -692,9 +796,11 @@ def test_two_sidecars_in_network_namespaces_carry_redirected_traffic(exclusion: 
         for ns in (client_ns, server_ns, server_ns):
             applied = _meshid_in(ns, env, "proxy", "iptables", *rules, "--apply")
             assert applied.returncode == 0, applied.stderr
-        saved = _nat(server_ns)
-        assert saved.count("-j MESHID_INBOUND\n") == 1
-        assert saved.count(f"--uid-owner {PROXY_ID} -j RETURN") == 1
+        for family in (IPV4, IPV6):
+            saved = _nat(server_ns, family.save)
+            assert saved.count("-j MESHID_INBOUND\n") == 1
+            assert saved.count(f"--uid-owner {PROXY_ID} -j RETURN") == 1
+            assert saved.count(f"-d {family.loopback} -j RETURN") == 1
 
         start(server_ns, [sys.executable, "-c", APP, str(APP_PORT)], "app ready")
         web = sidecar(server_ns, configs["web"])
@@ -722,6 +828,28 @@ def test_two_sidecars_in_network_namespaces_carry_redirected_traffic(exclusion: 
         )
         assert into["source"].startswith(f"{CLIENT_IP}:")
 
+        # The same over IPv6: ip6tables steers it to the IPv6 listeners.
+        got = _run_in(
+            client_ns, env, sys.executable, "-c", GET, f"http://[{SERVER_IP6}]:{APP_PORT}/hi6"
+        )
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["x-forwarded-client-cert"] == f"By={WEB};URI={CLIENT}"
+        out = client.record(type="request", path="/hi6")
+        assert (out["listener"], out["peer_id"], out["upstream"], out["status"]) == (
+            "out6",
+            WEB,
+            f"[{SERVER_IP6}]:{APP_PORT}",
+            200,
+        )
+        into = web.record(type="request", path="/hi6")
+        assert (into["listener"], into["peer_id"], into["upstream"], into["status"]) == (
+            "in6",
+            CLIENT,
+            f"[::1]:{APP_PORT}",
+            200,
+        )
+        assert into["source"].startswith(f"{CLIENT_IP6}:")
+
         # Straight to the outbound listener (loopback is never redirected): refused, unrelayed.
         assert raw_get("127.0.0.1", OUTBOUND_PORT) == ""
         assert client.record(type="connection", error="no_original_dst")["upstream"] is None
@@ -733,6 +861,11 @@ def test_two_sidecars_in_network_namespaces_carry_redirected_traffic(exclusion: 
         # the outbound side answers 502 instead of looping.
         assert raw_get(SERVER_IP, INBOUND_PORT).startswith("HTTP/1.1 502 ")
         web.record(type="connection", error="no_original_dst")
+        # Both again over IPv6.
+        assert raw_get("::1", OUTBOUND_PORT) == ""
+        assert client.record(listener="out6", error="no_original_dst")["upstream"] is None
+        assert raw_get(SERVER_IP6, INBOUND_PORT).startswith("HTTP/1.1 502 ")
+        web.record(listener="in6", error="no_original_dst")
 
         if exclusion == "gid":  # rules excluding someone else: the proxy's upstream comes back
             wrong = _meshid_in(
@@ -745,6 +878,14 @@ def test_two_sidecars_in_network_namespaces_carry_redirected_traffic(exclusion: 
             client.wait_for(
                 lambda line: "comes from the proxy's own upstream connection" in line,
                 "the loop refused in the log",
+            )
+            assert raw_get(SERVER_IP6, APP_PORT + 1).startswith("HTTP/1.1 502 ")
+            client.wait_for(
+                lambda line: (
+                    "comes from the proxy's own upstream connection" in line
+                    and "listener=out6" in line
+                ),
+                "the IPv6 loop refused in the log",
             )
 
         if exclusion == "uid":  # not root: --apply fails in one line
@@ -759,10 +900,45 @@ def test_two_sidecars_in_network_namespaces_carry_redirected_traffic(exclusion: 
         for ns in (client_ns, server_ns):
             cleaned = _meshid_in(ns, env, "proxy", "iptables", "--clean", "--apply")
             assert cleaned.returncode == 0, cleaned.stderr
-            assert "MESHID" not in _nat(ns)
+            assert "MESHID" not in _nat(ns) + _nat(ns, "ip6tables-save")
         for process in processes:
             process.stop()
         assert [p.proc.returncode for p in processes[1:]] == [0, 0]  # both sidecars drained
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     assert client_ns not in listed.stdout and server_ns not in listed.stdout
     assert not folder.exists()
+
+
+@pytest.mark.slow
+def test_apply_without_ip6tables_fails_closed_unless_ipv4_only(tmp_path: Path) -> None:
+    """A namespace whose PATH has iptables but no ip6tables: ``--apply`` changes nothing and
+    says why (IPv6 would bypass the sidecar); ``--ipv4-only`` installs the IPv4 rules alone."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f"needs root, IPv6, ip and Debian's iptables; missing: {missing}")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("ip", "iptables-save", "iptables-restore"):
+        (bin_dir / tool).symlink_to(shutil.which(tool) or tool)
+    env = {
+        **os.environ,
+        "PATH": str(bin_dir),
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    rules = ["--uid", "1337", "--inbound-port", "15006", "--outbound-port", "15001", "--apply"]
+    with _namespaces() as (ns, _):
+        refused = _meshid_in(ns, env, "proxy", "iptables", *rules)
+        assert refused.returncode == 1
+        assert refused.stderr.startswith("meshid: ip6tables-save not found on PATH; ")
+        assert "IPv6 TCP would bypass the sidecar" in refused.stderr
+        assert "--ipv4-only" in refused.stderr
+        assert refused.stderr.count("\n") == 1
+        assert "MESHID" not in _nat(ns)  # read both tables before writing either
+        applied = _meshid_in(ns, env, "proxy", "iptables", *rules, "--ipv4-only")
+        assert applied.returncode == 0, applied.stderr
+        assert "IPv4 nat tables" in applied.stdout
+        assert "-j MESHID_OUTPUT" in _nat(ns)
+        assert "MESHID" not in _nat(ns, "ip6tables-save")
+        cleaned = _meshid_in(ns, env, "proxy", "iptables", "--clean", "--apply", "--ipv4-only")
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert "MESHID" not in _nat(ns)
