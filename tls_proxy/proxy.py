@@ -356,6 +356,10 @@ class Proxy:
                 await self.reload_config_file()
 
     def _render(self) -> str:
+        for listener in self.listeners:
+            labels = {"listener": listener.name, "direction": listener.direction}
+            self.metrics.h2_upstream_connections.set(listener.h2pool.connections, **labels)
+            self.metrics.h2_upstream_streams.set(listener.h2pool.streams, **labels)
         return self.metrics.registry.render()
 
     def _config(self) -> dict[str, object]:

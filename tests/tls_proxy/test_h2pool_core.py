@@ -1,5 +1,5 @@
-"""The h2 behaviour ``h2conn.GracefulH2Connection`` restores (pinned: it overrides h2
-internals)."""
+"""The pure parts of shared upstream HTTP/2 connections (``h2pool.pick``, ``after_goaway``) and
+the h2 behaviour ``h2conn.GracefulH2Connection`` restores (pinned: it overrides h2 internals)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,55 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import pytest
 
 from tls_proxy.h2conn import CONNECTION_WINDOW, client_connection, server_connection
+from tls_proxy.h2pool import after_goaway, pick
+
+PICKS = [
+    # (load, opening, max_connections, expected)
+    ([], False, 4, ("open", -1)),
+    ([], True, 4, ("wait", -1)),
+    ([(0, 100)], False, 4, ("use", 0)),
+    ([(100, 100), (3, 100)], False, 4, ("use", 1)),
+    ([(5, 100), (3, 100)], False, 4, ("use", 0)),  # the oldest with room, not the emptiest
+    ([(2, 2)], False, 4, ("open", -1)),
+    ([(2, 2)], True, 4, ("wait", -1)),
+    ([(2, 2), (2, 2)], False, 2, ("full", -1)),
+    ([(0, 0)], False, 1, ("full", -1)),  # a peer allowing no streams at all
+]
+
+
+@pytest.mark.parametrize(
+    ("load", "opening", "limit", "expected"),
+    PICKS,
+    ids=["none", "none-opening", "room", "second-has-room", "oldest-first", "full-open",
+         "full-wait", "all-full", "zero-limit"],
+)  # fmt: skip
+def test_pick(
+    load: list[tuple[int, int]], opening: bool, limit: int, expected: tuple[str, int]
+) -> None:
+    assert pick(load, opening=opening, max_connections=limit) == expected
+
+
+GOAWAYS = [
+    # (stream_id, last_stream_id, body_sent, retried, expected)
+    ("processed", 3, 3, True, False, "finish"),
+    ("below", 1, 3, False, False, "finish"),
+    ("unprocessed", 5, 3, False, False, "retry"),
+    ("none-processed", 1, 0, False, False, "retry"),
+    ("body-gone", 5, 3, True, False, "fail"),
+    ("second-time", 5, 3, False, True, "fail"),
+]
+
+
+@pytest.mark.parametrize(
+    ("sid", "last", "body_sent", "retried", "expected"),
+    [g[1:] for g in GOAWAYS],
+    ids=[g[0] for g in GOAWAYS],
+)
+def test_after_goaway(sid: int, last: int, body_sent: bool, retried: bool, expected: str) -> None:
+    assert after_goaway(sid, last, body_sent=body_sent, retried=retried) == expected
 
 
 def _pair() -> tuple[h2.connection.H2Connection, h2.connection.H2Connection]:
