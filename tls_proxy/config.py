@@ -46,6 +46,9 @@ DEFAULT_POOL_MAX_IDLE = 64  # idle upstream HTTP/1.1 connections kept per listen
 # the app, usually closes an idle connection; a request that meets one the app closed anyway
 # is retried once on a new connection when it is idempotent.
 DEFAULT_POOL_IDLE_TIMEOUT = 15.0
+# Shared upstream HTTP/2 connections per upstream address: with a peer allowing 128 streams
+# each (our own inbound listeners do), 2048 concurrent streams before new ones are refused.
+DEFAULT_H2_MAX_CONNECTIONS = 16
 # Identity headers only the inbound proxy may set; a client's copies are removed.
 DEFAULT_IDENTITY_HEADERS = ("x-forwarded-client-cert",)
 # Transparent mode (docs/proxy.md): `forward: original_dst` / `upstream: original_dst` relay
@@ -132,6 +135,7 @@ class HttpConfig(_Model):
     identity_headers: tuple[str, ...] = DEFAULT_IDENTITY_HEADERS
     pool_max_idle: int = Field(default=DEFAULT_POOL_MAX_IDLE, ge=0)
     pool_idle_timeout: float = Field(default=DEFAULT_POOL_IDLE_TIMEOUT, gt=0)
+    h2_max_connections: int = Field(default=DEFAULT_H2_MAX_CONNECTIONS, ge=1)
 
     @field_validator("identity_headers")
     @classmethod

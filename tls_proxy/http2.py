@@ -1,17 +1,22 @@
 """The HTTP/2 codec: h2 on both sides of a proxied connection, streams multiplexed.
 
-Owns driving two h2 state machines (server side toward whoever connected to us, client side
-toward the upstream: one upstream connection per downstream connection, opened when the first
-admitted stream needs it, and replaced after it sends GOAWAY or closes) over asyncio streams.
-Per stream: check the request (``l7.check_fields``; h2 itself validates pseudo-headers and
-refuses connection-specific fields, RFC 9113 §8.2), normalize ``:path`` (``path.normalize_path``)
-before the request filters see it, forward exactly that path with identity headers rewritten,
-relay DATA and trailers both ways, and propagate RST_STREAM both ways. Flow control: DATA is
-acknowledged to its sender only when it has been handed to the other side's connection, so
-what is buffered is bounded by the windows we advertise; writes wait for ``drain``. A denied
-or refused stream is answered on that stream alone (gRPC requests in gRPC's Trailers-Only
-form, ``grpc-status``, not an HTTP status). On drain or an idle timeout a GOAWAY is sent and
-streams in flight finish.
+Owns driving the h2 server state machine toward whoever connected to us over asyncio streams,
+and each admitted stream's twin on an upstream connection shared with other downstream
+connections (``h2pool``: the connection, its reader and its limits are the pool's; each
+``_Stream`` is the ``h2pool.StreamHandler`` of its twin). Per stream: check the request
+(``l7.check_fields``; h2 itself validates pseudo-headers and refuses connection-specific
+fields, RFC 9113 §8.2), normalize ``:path`` (``path.normalize_path``) before the request
+filters see it, forward exactly that path with identity headers rewritten, relay DATA and
+trailers both ways, and propagate RST_STREAM both ways. Flow control: DATA is acknowledged to
+its sender only when it has been handed to the other side's connection, so what is buffered is
+bounded by the windows we advertise. Writes toward the upstreams wait for ``drain``; toward our
+client, a stream's response waits (unacknowledged) while the client's transport is congested,
+so a shared connection's reader never waits for one slow client. A stream the upstream refused
+by GOAWAY before a byte of its body left is sent again on another connection
+(``h2pool.after_goaway``). A denied or refused stream is answered on that stream alone (gRPC
+requests in gRPC's Trailers-Only form, ``grpc-status``, not an HTTP status). On drain or an
+idle timeout a GOAWAY is sent and streams in flight finish. When our client leaves, its streams
+are reset upstream; other clients' streams on the same shared connections carry on.
 
 It must not parse HTTP/2 itself (h2 does), decide policy (request filters do) nor know which
 listener it serves: ``HttpSession`` carries what differs between inbound and outbound.
@@ -23,16 +28,19 @@ import asyncio
 import contextlib
 import logging
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 
-import h2.config
 import h2.connection
 import h2.events
 import h2.exceptions
 import h2.settings
 from h2.errors import ErrorCodes
 
+from .h2conn import server_connection
+from .h2pool import SharedH2, UpstreamBusy, after_goaway
 from .l7 import (
     XFCC_HEADER,
     Exchange,
@@ -45,7 +53,7 @@ from .l7 import (
     check_fields,
 )
 from .path import PathError, normalize_path
-from .relay import CHUNK, close_stream, drain
+from .relay import CHUNK, DRAIN_BELOW, drain
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +108,18 @@ def local_headers(answer: LocalResponse, *, grpc: bool) -> tuple[list[Header], b
 
 @dataclass(eq=False)
 class _Stream:
-    """One downstream stream and, once admitted, its upstream twin."""
+    """One downstream stream and, once admitted, its upstream twin on a shared connection;
+    the ``h2pool.StreamHandler`` of that twin."""
 
+    owner: _Http2
     down_id: int
     ex: Exchange
     grpc: bool = False
-    up: _Upstream | None = None
+    forwarded: list[Header] = field(default_factory=list)  # the request head as sent upstream
+    up: SharedH2 | None = None
     up_id: int = 0
+    body_sent: bool = False  # a request body byte went upstream: it cannot be sent again
+    retried: bool = False
     to_up: bytearray = field(default_factory=bytearray)
     up_trailers: list[Header] | None = None
     request_ended: bool = False  # the client's END_STREAM (or reset) has arrived
@@ -119,29 +132,14 @@ class _Stream:
     local: bool = False  # answered by us: the request body is discarded
     finished: bool = False
 
+    def upstream_event(self, event: h2.events.Event) -> None:
+        self.owner._on_up_event(self, event)
 
-class _Upstream:
-    """The h2 client connection toward the upstream and the streams it carries."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.h2 = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=True, header_encoding=None)
-        )
-        self.h2.local_settings = h2.settings.Settings(
-            client=True,
-            initial_values={h2.settings.SettingCodes.ENABLE_PUSH: 0},  # pushes are not relayed
-        )
-        self.h2.initiate_connection()
-        self.streams: dict[int, _Stream] = {}
-        self.usable = True
-        self.task: asyncio.Future[None] | None = None
+    def upstream_lost(self) -> None:
+        self.owner._upstream_lost(self)
 
     def flush(self) -> None:
-        data = self.h2.data_to_send()
-        if data and not self.writer.is_closing():
-            self.writer.write(data)
+        self.owner._flush()
 
 
 async def serve(
@@ -159,27 +157,21 @@ class _Http2:
         self.writer = writer
         self.s = session
         self.conn = session.conn
-        self.down = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding=None)
-        )
-        self.down.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
+        self.down = server_connection(
+            {
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
                 h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: session.settings.max_header_bytes,
-            },
+            }
         )
         self.streams: dict[int, _Stream] = {}
-        self.up: _Upstream | None = None
-        self.ups: set[_Upstream] = set()
-        self.up_lock = asyncio.Lock()
+        self.dirty: set[SharedH2] = set()  # shared connections with frames of ours to flush
         self.tasks: set[asyncio.Future[None]] = set()
+        self.resuming = False  # a task waits for our client's transport to drain
         self.closing = False  # GOAWAY sent or received: no new streams; end when none is left
 
     # -- the downstream connection --------------------------------------------------------
 
     async def run(self) -> None:
-        self.down.initiate_connection()
         watcher: asyncio.Future[None] | None = None
         if self.s.draining is not None:
             watcher = asyncio.ensure_future(self._watch_drain(self.s.draining))
@@ -219,22 +211,18 @@ class _Http2:
         self._flush()
 
     async def _cleanup(self, watcher: asyncio.Future[None] | None) -> None:
-        ups = list(self.ups)
-        for up in ups:
-            with contextlib.suppress(*_ProtocolErrors):
-                up.h2.close_connection()  # GOAWAY toward the upstream too
-            up.flush()
-        pending = [*self.tasks, *(u.task for u in ups if u.task is not None)]
+        """Our client is gone: its streams are reset upstream, where other clients' streams
+        on the same shared connections carry on."""
+        pending = list(self.tasks)
         if watcher is not None:
             pending.append(watcher)
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-        for up in ups:
-            await close_stream(up.writer)
         for stream in list(self.streams.values()):
             stream.ex.error = stream.ex.error or "connection_closed"
             self._finish(stream)
+        self._flush()
 
     async def _receive_down(self, data: bytes) -> None:
         self.conn.bytes_in += len(data)
@@ -289,16 +277,13 @@ class _Http2:
             self._maybe_finish(stream)
         elif isinstance(event, h2.events.StreamReset):
             stream.ex.error = stream.ex.error or "client_reset"
-            if stream.up is not None and not stream.finished:
-                with contextlib.suppress(*_ProtocolErrors):
-                    stream.up.h2.reset_stream(stream.up_id, event.error_code or ErrorCodes.CANCEL)
             stream.request_ended = True
-            self._finish(stream)
+            self._finish(stream, ErrorCodes(event.error_code or ErrorCodes.CANCEL))
 
     # -- one stream -----------------------------------------------------------------------
 
     def _open_stream(self, sid: int, headers: list[Header]) -> None:
-        stream = _Stream(sid, Exchange())
+        stream = _Stream(self, sid, Exchange())
         self.streams[sid] = stream
         stream.grpc = any(
             n == b"content-type" and v.startswith(GRPC_CONTENT_TYPE) for n, v in headers
@@ -317,9 +302,8 @@ class _Http2:
         if self.closing:
             self._reset(stream, ErrorCodes.REFUSED_STREAM)  # after our GOAWAY: retry elsewhere
             return
-        task = asyncio.ensure_future(self._admit(stream, head, forwarded))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        stream.forwarded = forwarded
+        self._spawn(self._admit(stream, head))
 
     def _check(self, headers: list[Header], ex: Exchange) -> tuple[RequestHead, list[Header]]:
         """The request as filters see it and as it is forwarded; raises ``HttpRejected``."""
@@ -355,15 +339,19 @@ class _Http2:
             seen = [(b"host", host.encode("latin-1")), *regular]  # policy's ``host``, as HTTP/1.1
         return RequestHead(method, target, path, host, authz_headers(seen)), forwarded
 
-    async def _admit(self, stream: _Stream, head: RequestHead, forwarded: list[Header]) -> None:
-        try:
-            await self._admit_one(stream, head, forwarded)
-        except (OSError, ssl.SSLError, TimeoutError) as err:
-            stream.ex.error = stream.ex.error or type(err).__name__
-            log.info("stream failed", extra={**self._fields(), "detail": str(err)})
-            self.writer.close()  # the client's transport broke: end the connection
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(self._guard(work))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
-    async def _admit_one(self, stream: _Stream, head: RequestHead, forwarded: list[Header]) -> None:
+    async def _guard(self, work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        except (OSError, ssl.SSLError, TimeoutError) as err:
+            log.info("stream failed", extra={**self._fields(), "detail": str(err)})
+            self.writer.close()  # a transport broke or stalled: end the connection
+
+    async def _admit(self, stream: _Stream, head: RequestHead) -> None:
         """Run the request filters, then open the upstream stream (or answer here)."""
         answer = await self.s.chain.on_request(self.conn, head, stream.ex)
         if stream.finished:
@@ -373,25 +361,31 @@ class _Http2:
             self._answer(stream, answer)
             self._flush()
             return
-        up = await self._upstream()
+        await self._send_upstream(stream)
+
+    async def _send_upstream(self, stream: _Stream) -> None:
+        """Open ``stream``'s twin on a shared upstream connection (or answer it here)."""
+        assert self.s.h2_upstream is not None
+        if stream.finished:
+            return  # the client reset it while it waited (a retry after a GOAWAY)
+        try:
+            up = await self.s.h2_upstream()
+        except UpstreamBusy as err:
+            stream.ex.detail = str(err)
+            self._reset(stream, ErrorCodes.REFUSED_STREAM)  # every connection full: retry later
+            self._flush()
+            return
         if stream.finished:
             return
-        if up is None:
+        up_id = None if up is None else up.open_stream(stream.forwarded, stream)
+        if up is None or up_id is None:
             stream.ex.error = "upstream_failed"
             stream.ex.detail = self.conn.detail or "upstream unreachable"
             log.warning("upstream failed", extra={**self._fields(), "detail": stream.ex.detail})
             self._answer(stream, LocalResponse(502, b"Bad Gateway"))
             self._flush()
             return
-        try:
-            up_id = up.h2.get_next_available_stream_id()
-            up.h2.send_headers(up_id, forwarded)
-        except h2.exceptions.TooManyStreamsError:
-            self._reset(stream, ErrorCodes.REFUSED_STREAM)  # the upstream's limit: retry later
-            self._flush()
-            return
         stream.up, stream.up_id = up, up_id
-        up.streams[up_id] = stream
         stream.ex.result = "allowed"
         self._pump_up(stream)
         self._flush()
@@ -428,8 +422,10 @@ class _Http2:
         up = stream.up
         if up is None or stream.finished:
             return
+        self.dirty.add(up)
         try:
             sent = _send_window(up.h2, stream.up_id, stream.to_up)
+            stream.body_sent = stream.body_sent or sent > 0
             if not stream.to_up and stream.request_ended and not stream.up_end_sent:
                 if stream.up_trailers:
                     up.h2.send_headers(stream.up_id, stream.up_trailers, end_stream=True)
@@ -445,6 +441,9 @@ class _Http2:
         """Response DATA (then trailers or END_STREAM) toward the client, as windows allow."""
         if stream.down_end_sent or stream.finished:
             return
+        if self.writer.transport.get_write_buffer_size() >= DRAIN_BELOW:
+            self._resume_later()  # our client reads slowly: the rest waits, unacknowledged
+            return
         try:
             sent = _send_window(self.down, stream.down_id, stream.to_down)
             if not stream.to_down and stream.response_ended:
@@ -456,9 +455,25 @@ class _Http2:
         except _ProtocolErrors:
             sent = len(stream.to_down)
             stream.to_down.clear()
-        if stream.up is not None:
+        if stream.up is not None and sent:
             self._ack(stream.up.h2, stream.up_id, sent)
+            self.dirty.add(stream.up)
         self._maybe_finish(stream)
+
+    def _resume_later(self) -> None:
+        if not self.resuming:
+            self.resuming = True
+            self._spawn(self._resume())
+
+    async def _resume(self) -> None:
+        """Once our client's transport has drained, send what waited for it."""
+        try:
+            await drain(self.writer, self.s.idle)
+        finally:
+            self.resuming = False
+        for stream in list(self.streams.values()):
+            self._pump_down(stream)
+        self._flush()
 
     def _maybe_finish(self, stream: _Stream) -> None:
         if not stream.down_end_sent:
@@ -471,112 +486,67 @@ class _Http2:
         if stream.request_ended:
             self._finish(stream)
 
-    def _finish(self, stream: _Stream) -> None:
+    def _finish(self, stream: _Stream, reset: ErrorCodes = ErrorCodes.CANCEL) -> None:
         if stream.finished:
             return
         stream.finished = True
         self.streams.pop(stream.down_id, None)
         if stream.up is not None:
-            stream.up.streams.pop(stream.up_id, None)
-            if not stream.up_end_sent:
-                with contextlib.suppress(*_ProtocolErrors):
-                    stream.up.h2.reset_stream(stream.up_id, ErrorCodes.CANCEL)
+            complete = stream.up_end_sent and stream.response_ended
+            stream.up.release(stream.up_id, None if complete else reset)  # others' stay
+            stream.up = None
         self.conn.requests += 1
         self.s.chain.on_request_end(self.conn, stream.ex)
         if self.closing and not self.streams:
+            self._flush()  # the last stream's end, queued just now, goes out first
             self.writer.close()  # GOAWAY sent and nothing left: end the connection
 
-    # -- the upstream connection ----------------------------------------------------------
+    # -- the stream's twin on a shared upstream connection -------------------------------
 
-    async def _upstream(self) -> _Upstream | None:
-        async with self.up_lock:
-            if self.up is not None and self.up.usable:
-                return self.up
-            opened = await self.s.open_upstream("h2")
-            if opened is None:
-                return None
-            up = _Upstream(*opened)
-            up.flush()
-            self.up = up
-            self.ups.add(up)
-            up.task = asyncio.ensure_future(self._read_up(up))
-            return up
+    def _upstream_lost(self, stream: _Stream) -> None:
+        """The shared connection broke: the stream fails (502 if nothing was sent yet)."""
+        stream.ex.error = stream.ex.error or "upstream_closed"
+        stream.up = None
+        if not stream.responded:
+            self._answer(stream, LocalResponse(502, b"Bad Gateway"))
+        else:
+            self._reset(stream, ErrorCodes.INTERNAL_ERROR)
 
-    async def _read_up(self, up: _Upstream) -> None:
-        try:
-            while True:
-                try:
-                    data = await asyncio.wait_for(up.reader.read(CHUNK), self.s.idle)
-                except TimeoutError:
-                    if up.streams:
-                        break
-                    continue
-                if not data:
-                    break
-                try:
-                    events = up.h2.receive_data(data)
-                except h2.exceptions.ProtocolError as err:
-                    log.warning(
-                        "HTTP/2 protocol error from the upstream",
-                        extra={**self._fields(), "detail": str(err)},
-                    )
-                    break
-                for event in events:
-                    self._on_up_event(up, event)
-                self._flush()
-                await self._drain()
-        except (OSError, ssl.SSLError, TimeoutError) as err:
-            log.info("upstream connection failed", extra={**self._fields(), "detail": str(err)})
-        finally:
-            self._upstream_lost(up)
+    def _upstream_goaway(self, stream: _Stream, last_stream_id: int) -> None:
+        up = stream.up
+        assert up is not None
+        outcome = after_goaway(
+            stream.up_id, last_stream_id, body_sent=stream.body_sent, retried=stream.retried
+        )
+        if outcome == "finish":
+            return
+        up.release(stream.up_id, ErrorCodes.CANCEL)  # never processed by the peer
+        stream.up = None
+        if outcome == "retry":
+            stream.retried = True
+            stream.up_end_sent = False
+            self._spawn(self._send_upstream(stream))
+            return
+        stream.ex.error = stream.ex.error or "upstream_goaway"
+        stream.ex.detail = "refused by GOAWAY after its body was sent"
+        self._answer(stream, LocalResponse(502, b"Bad Gateway"))
 
-    def _upstream_lost(self, up: _Upstream) -> None:
-        """The upstream connection ended: its open streams fail (502 if nothing was sent)."""
-        up.usable = False
-        if self.up is up:
-            self.up = None
-        for stream in list(up.streams.values()):
-            stream.ex.error = stream.ex.error or "upstream_closed"
-            stream.up = None
-            if not stream.responded:
-                self._answer(stream, LocalResponse(502, b"Bad Gateway"))
-            else:
-                self._reset(stream, ErrorCodes.INTERNAL_ERROR)
-        up.streams.clear()
-        self.ups.discard(up)
-        up.writer.close()
-        self._flush()
-
-    def _on_up_event(self, up: _Upstream, event: h2.events.Event) -> None:
+    def _on_up_event(self, stream: _Stream, event: h2.events.Event) -> None:
+        """An event of ``stream``'s twin (or of its whole connection) from the shared reader."""
+        up = stream.up
+        if up is None or stream.finished:
+            return
         if isinstance(event, h2.events.WindowUpdated):
-            for stream in self._streams_of(up.streams, event.stream_id):
-                self._pump_up(stream)
-            return
-        if isinstance(event, h2.events.ConnectionTerminated):
-            up.usable = False  # GOAWAY: new streams go to a new connection
-            if self.up is up:
-                self.up = None
-            last = event.last_stream_id or 0
-            for stream in [s for i, s in up.streams.items() if i > last]:
-                self._reset(stream, ErrorCodes.REFUSED_STREAM)  # never processed: retryable
-            return
-        sid = getattr(event, "stream_id", None)
-        found = up.streams.get(sid) if sid is not None else None
-        if isinstance(event, h2.events.DataReceived):
+            self._pump_up(stream)
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._upstream_goaway(stream, event.last_stream_id or 0)
+        elif isinstance(event, h2.events.DataReceived):
             assert event.stream_id is not None and event.data is not None
-            length = event.flow_controlled_length or 0
-            if found is None:
-                self._ack(up.h2, event.stream_id, length)
-                return
-            self._ack(up.h2, event.stream_id, length - len(event.data))
-            found.to_down += event.data
-            found.ex.bytes_out += len(event.data)
-            self._pump_down(found)
-            return
-        if found is None:
-            return
-        stream = found
-        if isinstance(event, h2.events.InformationalResponseReceived):
+            self._ack(up.h2, event.stream_id, (event.flow_controlled_length or 0) - len(event.data))
+            stream.to_down += event.data
+            stream.ex.bytes_out += len(event.data)
+            self._pump_down(stream)
+        elif isinstance(event, h2.events.InformationalResponseReceived):
             with contextlib.suppress(*_ProtocolErrors):
                 self.down.send_headers(stream.down_id, list(event.headers or ()))
         elif isinstance(event, h2.events.ResponseReceived):
@@ -600,7 +570,8 @@ class _Http2:
             self._pump_down(stream)
         elif isinstance(event, h2.events.StreamReset):
             stream.ex.error = stream.ex.error or "upstream_reset"
-            stream.up_end_sent = True  # nothing more goes up on this stream
+            up.release(stream.up_id)  # closed by the peer: nothing to reset
+            stream.up = None
             self._reset(stream, ErrorCodes(event.error_code or ErrorCodes.CANCEL))
 
     # -- plumbing -------------------------------------------------------------------------
@@ -623,12 +594,14 @@ class _Http2:
         if data and not self.writer.is_closing():
             self.writer.write(data)
             self.conn.bytes_out += len(data)
-        for up in self.ups:
+        dirty, self.dirty = self.dirty, set()
+        for up in dirty:
             up.flush()
 
     async def _drain(self) -> None:
-        """Backpressure: wait until both transports took what was written."""
-        writers = [self.writer, *(u.writer for u in self.ups)]
+        """Backpressure: wait until our client's transport and the shared upstream ones our
+        streams use took what was written."""
+        writers = {self.writer, *(s.up.writer for s in self.streams.values() if s.up)}
         for writer in writers:
             if not writer.is_closing():
                 await drain(writer, self.s.idle)

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     from .config import HttpConfig
     from .filters.base import Connection, FilterChain
+    from .h2pool import SharedH2
 
 Header = tuple[bytes, bytes]
 
@@ -118,6 +119,9 @@ class HttpSession:
     # ``checkin`` one whose last exchange completed in both directions.
     checkout: Callable[[], Upstream | None] | None = None
     checkin: Callable[[Upstream], None] | None = None
+    # HTTP/2 (``h2pool.H2Pool``): a shared upstream connection with room for one more stream,
+    # None when none could be opened (logged); raises ``h2pool.UpstreamBusy`` when all are full.
+    h2_upstream: Callable[[], Awaitable[SharedH2 | None]] | None = None
 
 
 class Codec(Protocol):

@@ -11,7 +11,9 @@ client preface or HTTP/1.1; ``auto``: the same, or opaque TCP, from the first by
 ``DETECT_TIMEOUT``; ``detect.sniff`` decides). TCP is spliced (``relay.splice``); HTTP/1.1 and
 HTTP/2 are handed, authenticated, to the codec ``codecs.CODECS`` names, with a way to open
 the upstream (inbound: plain TCP to ``forward``; outbound: mTLS with ``expect_ids`` checked)
-and, inbound, the ``x-forwarded-client-cert`` value of the verified peer.
+and, inbound, the ``x-forwarded-client-cert`` value of the verified peer. HTTP/1.1 upstream
+connections are pooled (``pool.UpstreamPool``); HTTP/2 ones are shared by the streams of every
+downstream connection (``h2pool.H2Pool``), both keyed by ``_pool_tag`` and cleared on reload.
 
 Transparent listeners (``forward``/``upstream: original_dst``) first recover where an accepted
 connection was going (``transparent.destination``: the NAT entry of the iptables REDIRECT) and
@@ -53,6 +55,7 @@ from .config import split_address as split
 from .detect import Detected, sniff
 from .errors import ConfigError, NoOriginalDestination, PeerRejected, RejectReason
 from .filters.base import Connection, FilterChain
+from .h2pool import H2Pool, Opened, SharedH2
 from .l7 import HttpSession, Upstream, UpstreamProtocol, xfcc_value
 from .pool import Pooled, UpstreamPool
 from .relay import CHUNK as CHUNK_DETECT
@@ -169,7 +172,10 @@ class _Listener:
         self._opened: weakref.WeakKeyDictionary[asyncio.StreamWriter, Pooled] = (
             weakref.WeakKeyDictionary()
         )  # what the pool needs to know of the HTTP/1.1 upstream connections we opened
-        self.update(config, chain, timeouts, http or HttpConfig())
+        http = http or HttpConfig()
+        # HTTP/2 upstream connections, shared by the streams of every downstream connection.
+        self.h2pool = H2Pool(*self._h2_limits(timeouts, http))
+        self.update(config, chain, timeouts, http)
 
     @property
     def in_flight(self) -> int:
@@ -185,8 +191,9 @@ class _Listener:
         """A configuration reload on the same address: connections accepted from now on use
         ``config``, ``chain``, ``timeouts`` and ``http``; open ones finish with what they had
         (policy excepted: every request reads the shared store). Idle pooled upstream
-        connections are closed, as they may go where the new config no longer points. The
-        constructor applies the first configuration the same way."""
+        connections are closed, as they may go where the new config no longer points, and
+        shared HTTP/2 ones take no new streams (idle ones close now, busy ones when their
+        streams are done). The constructor applies the first configuration the same way."""
         check_protocol(config.name, config.protocol)
         self.protocol = config.protocol
         self._chain = chain
@@ -197,7 +204,15 @@ class _Listener:
         self.pool = (
             UpstreamPool(http.pool_max_idle, http.pool_idle_timeout) if http.pool_max_idle else None
         )
+        self.h2pool.configure(*self._h2_limits(timeouts, http))
+        self.h2pool.retire_all()
         self._configure(config)
+
+    @staticmethod
+    def _h2_limits(timeouts: TimeoutsConfig, http: HttpConfig) -> tuple[int, float, float, float]:
+        """``H2Pool``'s limits: connections per address, idle and read timeouts, and how long
+        a new connection may take to send its SETTINGS (as long as a connect may take)."""
+        return http.h2_max_connections, http.pool_idle_timeout, timeouts.idle, timeouts.connect
 
     def _configure(self, config: InboundConfig | OutboundConfig) -> None:
         raise NotImplementedError
@@ -310,13 +325,38 @@ class _Listener:
         conn.detail = deny.reason
         return False
 
-    def _session(
-        self,
-        conn: Connection,
-        open_upstream: Callable[[UpstreamProtocol], Awaitable[Upstream | None]],
-        xfcc: bytes | None,
-        prefix: bytes,
-    ) -> HttpSession:
+    async def _open_upstream(
+        self, conn: Connection, protocol: UpstreamProtocol, first: str | None = None
+    ) -> Upstream | None:
+        """A new upstream connection for ``conn`` speaking ``protocol`` (trying ``first``
+        first, where there is a choice), or None (logged, ``conn.error`` says why)."""
+        raise NotImplementedError
+
+    def _h2_address(self, conn: Connection) -> str:
+        """The upstream address ``conn``'s next HTTP/2 stream goes to."""
+        raise NotImplementedError
+
+    def _session(self, conn: Connection, xfcc: bytes | None, prefix: bytes) -> HttpSession:
+        async def h2_upstream() -> SharedH2 | None:
+            address = self._h2_address(conn)
+
+            async def open_shared() -> Opened | None:
+                opened = await self._open_upstream(conn, "h2", address)
+                if opened is None:
+                    return None
+                peer = conn.peer_id if self.direction == "outbound" else None
+                return Opened(*opened, conn.upstream or address, peer)
+
+            shared = await self.h2pool.acquire(self._pool_tag(), address, open_shared)
+            if shared is not None:
+                conn.upstream = shared.address
+                if self.direction == "outbound":
+                    conn.peer_id = shared.peer_id
+            return shared
+
+        async def open_upstream(protocol: UpstreamProtocol) -> Upstream | None:
+            return await self._open_upstream(conn, protocol)
+
         pool = self.pool
         if pool is None:
             checkout = checkin = None
@@ -359,6 +399,7 @@ class _Listener:
             draining=self._drain_event,
             checkout=checkout,
             checkin=checkin,
+            h2_upstream=h2_upstream,
         )
 
     def _pool_tag(self) -> object:
@@ -419,6 +460,7 @@ class _Listener:
         self._drain_event.set()
         if self.pool is not None:
             self.pool.close()
+        self.h2pool.retire_all()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace)
         left = set(self._tasks)
@@ -426,6 +468,7 @@ class _Listener:
             task.cancel()
         if left:
             await asyncio.gather(*left, return_exceptions=True)
+        await self.h2pool.close()
         if self._server is not None:
             await self._server.wait_closed()
         return len(left)
@@ -464,6 +507,17 @@ class InboundListener(_Listener):
             return None
         _nodelay(opened[1])
         return opened
+
+    async def _open_upstream(
+        self, conn: Connection, protocol: UpstreamProtocol, first: str | None = None
+    ) -> Upstream | None:
+        return await self._open_forward(conn, protocol)  # one app address: no choice
+
+    def _h2_address(self, conn: Connection) -> str:
+        if self.transparent:
+            assert conn.upstream is not None  # set by _redirected before _serve
+            return conn.upstream
+        return self.config.forward
 
     async def start(self) -> None:
         host, port = split(self.listen)
@@ -537,7 +591,7 @@ class InboundListener(_Listener):
         if kind in CODECS:
             conn.result = "allowed"
             xfcc = xfcc_value(state.snapshot.spiffe_id, conn.peer_id)
-            session = self._session(conn, lambda p: self._open_forward(conn, p), xfcc, prefix)
+            session = self._session(conn, xfcc, prefix)
             await CODECS[kind](reader, writer, session)
             return
         opened = await self._open_forward(conn)
@@ -585,7 +639,7 @@ class OutboundListener(_Listener):
             if not self._authorize(conn):
                 return
             conn.result = "allowed"
-            session = self._session(conn, lambda p: self._connect(conn, p), None, prefix)
+            session = self._session(conn, None, prefix)
             await CODECS[kind](reader, writer, session)
             return
         opened = await self._connect(conn, None)
@@ -608,21 +662,35 @@ class OutboundListener(_Listener):
         after a rotation, connections opened and verified under the old one are not reused."""
         return self._tls.current()
 
-    async def _connect(
-        self, conn: Connection, protocol: UpstreamProtocol | None
+    async def _open_upstream(
+        self, conn: Connection, protocol: UpstreamProtocol, first: str | None = None
     ) -> Upstream | None:
-        """An mTLS connection to the next upstream whose SPIFFE ID is expected, offering
-        ``protocol`` by ALPN (h2 must be accepted: the codec cannot fall back), or None.
+        return await self._connect(conn, protocol, first)
+
+    def _h2_address(self, conn: Connection) -> str:
+        """Round robin per stream; transparent: the connection's original destination."""
+        if self.transparent:
+            assert conn.upstream is not None  # set by _redirected before _serve
+            return conn.upstream
+        return self.config.upstream[next(self._next)]
+
+    async def _connect(
+        self, conn: Connection, protocol: UpstreamProtocol | None, first: str | None = None
+    ) -> Upstream | None:
+        """An mTLS connection to the next upstream (or ``first``) whose SPIFFE ID is
+        expected, offering ``protocol`` by ALPN (h2 must be accepted: the codec cannot fall
+        back), or None.
 
         The TLS state is read now, not when the downstream connection arrived: an HTTP
         upstream opens lazily (first request, keep-alive reconnects), maybe after a rotation.
         """
         state = self._tls.current()
-        start = next(self._next)  # round robin; fail over in list order from there
         upstreams = self.config.upstream
         if self.transparent:
             assert conn.upstream is not None  # set by _redirected before _serve
             upstreams = (conn.upstream,)
+        # Round robin; fail over in list order from there.
+        start = upstreams.index(first) if first in upstreams else next(self._next)
         opened: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
         for offset in range(len(upstreams)):
             address = upstreams[(start + offset) % len(upstreams)]

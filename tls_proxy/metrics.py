@@ -133,6 +133,11 @@ class Gauge(Counter):
             pick = min if self.aggregate == "min" else max
             self._values[key] = pick(self._values[key], value)
 
+    def set(self, value: float, /, **labels: str) -> None:
+        key = self._key(labels)
+        with self._lock:
+            self._values[key] = value
+
 
 class Histogram(_Metric):
     kind = "histogram"
@@ -335,6 +340,17 @@ class ProxyMetrics:
         self.duration = r.histogram(
             "meshid_proxy_connection_duration_seconds",
             "Connection lifetime.",
+            ("listener", "direction"),
+        )
+        # Set from the listeners' ``H2Pool`` when /metrics is rendered.
+        self.h2_upstream_connections = r.gauge(
+            "meshid_proxy_h2_upstream_connections",
+            "Upstream HTTP/2 connections open, shared by the streams of every downstream one.",
+            ("listener", "direction"),
+        )
+        self.h2_upstream_streams = r.gauge(
+            "meshid_proxy_h2_upstream_streams",
+            "Streams open on the shared upstream HTTP/2 connections.",
             ("listener", "direction"),
         )
         self.rotations = r.counter(

@@ -123,7 +123,13 @@ class Proxy:
         self.worker_metrics = (
             None
             if worker is None
-            else WorkerMetrics(worker.directory, worker.index, worker.count, self.metrics.registry)
+            else WorkerMetrics(
+                worker.directory,
+                worker.index,
+                worker.count,
+                self.metrics.registry,
+                self._refresh_gauges,
+            )
         )
         self._config_stamp = None if config_path is None else file_stamp(config_path)
         self._reloading = asyncio.Lock()
@@ -370,7 +376,15 @@ class Proxy:
                 await self.reload_config_file()
 
     def _render(self) -> str:
+        self._refresh_gauges()
         return self.metrics.registry.render()
+
+    def _refresh_gauges(self) -> None:
+        """Set the gauges read when ``/metrics`` is scraped (shared HTTP/2 connections)."""
+        for listener in self.listeners:
+            labels = {"listener": listener.name, "direction": listener.direction}
+            self.metrics.h2_upstream_connections.set(listener.h2pool.connections, **labels)
+            self.metrics.h2_upstream_streams.set(listener.h2pool.streams, **labels)
 
     def _config(self) -> dict[str, object]:
         data = self.config.public_dict()

@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .metrics import Registry, Snapshot, merge
@@ -39,11 +40,19 @@ def socket_path(directory: Path, index: int) -> Path:
 class WorkerMetrics:
     """Worker ``index`` of ``count``: its snapshot server and the totals of every worker."""
 
-    def __init__(self, directory: Path, index: int, count: int, registry: Registry) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        index: int,
+        count: int,
+        registry: Registry,
+        refresh: Callable[[], None] = lambda: None,
+    ) -> None:
         self.directory = directory
         self.index = index
         self.count = count
         self._registry = registry
+        self._refresh = refresh  # sets the gauges read at scrape time, before a snapshot
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self) -> None:
@@ -62,6 +71,7 @@ class WorkerMetrics:
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """A connection is the request: answer the snapshot as JSON, then close."""
         try:
+            self._refresh()
             writer.write(json.dumps(self._registry.snapshot()).encode())
             await writer.drain()
         except OSError as err:
@@ -100,6 +110,7 @@ class WorkerMetrics:
         """The Prometheus text of every worker's totals, and how many workers they cover."""
         others = [i for i in range(self.count) if i != self.index]
         answers = await asyncio.gather(*(self._ask(i) for i in others))
+        self._refresh()
         snapshots = [self._registry.snapshot(), *(a for a in answers if a is not None)]
         totals = merge(snapshots)
         totals.gauge("meshid_proxy_workers", "Worker processes (runtime.workers).").inc(self.count)

@@ -69,6 +69,7 @@ ERRORS = [
     ("bad-posture", "default_posture", "maybe", "default_posture: expected 'deny'"),
     ("bad-endpoint", "identity", {"workload_api": "/tmp/x"}, "identity.workload_api: expected"),
     ("dup-names", "outbound.0.name", "web", "expected unique listener names"),
+    ("h2-connections", "http", {"h2_max_connections": 0}, "http.h2_max_connections: expected gre"),
 ]
 
 

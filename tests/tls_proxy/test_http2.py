@@ -19,7 +19,7 @@ import pytest
 
 from ._harness import Running, echo_app, exchange, proxy_config, running
 from ._http import Client, http_echo_app
-from ._pki import CLIENT, WEB, mint, new_authority
+from ._pki import CLIENT, WEB, Authority, mint, new_authority
 
 DENY_ADMIN = """\
 apiVersion: meshid/v1
@@ -99,11 +99,20 @@ def _outbound(name: str, port: int, protocol: str) -> dict[str, Any]:
 
 @asynccontextmanager
 async def pair(
-    tmp: Path, apps: dict[str, int], protocol: str, policy: str | None = None
+    tmp: Path,
+    apps: dict[str, int],
+    protocol: str,
+    policy: str | None = None,
+    *,
+    ca: Authority | None = None,
+    inbound_http: dict[str, Any] | None = None,
 ) -> AsyncIterator[tuple[Running, Running]]:
-    """An inbound proxy forwarding listener NAME to each app port, an outbound one per NAME."""
-    ca = new_authority()
+    """An inbound proxy forwarding listener NAME to each app port, an outbound one per NAME
+    (their identities minted by ``ca``; ``inbound_http``: the inbound's ``http`` block)."""
+    ca = ca or new_authority()
     sections: dict[str, Any] = {}
+    if inbound_http is not None:
+        sections["http"] = inbound_http
     if policy is not None:
         (tmp / "policy.yaml").write_text(policy)
         sections["policy"] = {"file": "policy.yaml"}
