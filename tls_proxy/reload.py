@@ -87,7 +87,7 @@ class ReloadPlan:
 
 def plan_reload(old: ProxyConfig, new: ProxyConfig) -> ReloadPlan:
     """What applying ``new`` over the running ``old`` takes."""
-    before, after = old.model_dump(), new.model_dump()
+    before, after = old.public_dict(), new.public_dict()
     restart: list[str] = []
     changed: list[str] = []
     for key in sorted(set(before) | set(after)):

@@ -393,7 +393,7 @@ def test_a_reload_closes_idle_shared_connections(tmp_path: Path) -> None:
             port = out.port("to-web")
             assert await requests(port, "/one") == [(200, b"/one on 0")]
             (old,) = listener_of(inbound).h2pool.all()
-            config = inbound.proxy.config.model_dump(mode="json", exclude_none=True)
+            config = inbound.proxy.config.public_dict()
             config["http"]["keepalive_timeout"] = 30
             await inbound.proxy.apply_config(parse_config(config, "test.yaml", tmp_path))
             await asyncio.wait_for(old.task, 5)
