@@ -20,19 +20,23 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from spiffe import X509Svid
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from spiffe.errors import PySpiffeError
 
+from ca.errors import InvalidSvid
 from ca.spiffe_light import load_all as _load_spiffe
+from ca.validation import validate_x509_svid
 
 if TYPE_CHECKING:
+    from spiffe import X509Svid
     from spiffe.workloadapi.x509_context import X509Context
 
 from .errors import IdentityError
@@ -113,10 +117,20 @@ class _Subscribers:
 def _snapshot_from_svid(
     svid: X509Svid, bundles: Mapping[str, tuple[x509.Certificate, ...]], version: int
 ) -> IdentitySnapshot:
+    return _snapshot(str(svid.spiffe_id), svid.cert_chain, svid.private_key, bundles, version)
+
+
+def _snapshot(
+    spiffe_id: str,
+    chain: Sequence[x509.Certificate],
+    key: PrivateKeyTypes,
+    bundles: Mapping[str, tuple[x509.Certificate, ...]],
+    version: int,
+) -> IdentitySnapshot:
     return IdentitySnapshot(
-        spiffe_id=str(svid.spiffe_id),
-        cert_chain=tuple(c.public_bytes(serialization.Encoding.DER) for c in svid.cert_chain),
-        private_key=svid.private_key.private_bytes(
+        spiffe_id=spiffe_id,
+        cert_chain=tuple(c.public_bytes(serialization.Encoding.DER) for c in chain),
+        private_key=key.private_bytes(
             serialization.Encoding.DER,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
@@ -150,12 +164,23 @@ def load_identity_files(cert: Path, key: Path, bundle: Path, version: int = 1) -
             texts[name] = path.read_bytes()
         except OSError as err:
             raise IdentityError(f"identity.{name}: cannot read {path}: {err.strerror}") from err
+    # cryptography alone, not py-spiffe's X509Svid.parse: that pulls pyasn1 and pem into every
+    # sidecar (~3.5 MiB) and checks less than ``validate_x509_svid``, the rules peers apply.
     try:
-        svid = X509Svid.parse(texts["cert"], texts["key"])
-    except PySpiffeError as err:
-        raise IdentityError(f"identity.cert/key: {cert}, {key}: {err}") from err
-    leaf_key = svid.leaf.public_key()
-    if leaf_key != svid.private_key.public_key():
+        chain = x509.load_pem_x509_certificates(texts["cert"])
+    except ValueError as err:
+        raise IdentityError(f"identity.cert: {cert}: not PEM certificates ({err})") from err
+    try:
+        private_key = serialization.load_pem_private_key(texts["key"], password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
+        raise IdentityError(
+            f"identity.key: {key}: not an unencrypted PEM private key ({err})"
+        ) from err
+    try:
+        spiffe_id = validate_x509_svid(chain)
+    except InvalidSvid as err:
+        raise IdentityError(f"identity.cert: {cert}: not an X509-SVID: {err}") from err
+    if chain[0].public_key() != private_key.public_key():
         raise IdentityError(
             f"identity.key: {key} does not match the certificate in {cert} "
             "(a rotation half-written?)"
@@ -164,7 +189,7 @@ def load_identity_files(cert: Path, key: Path, bundle: Path, version: int = 1) -
         roots = x509.load_pem_x509_certificates(texts["bundle"])
     except ValueError as err:
         raise IdentityError(f"identity.bundle: {bundle}: not PEM certificates ({err})") from err
-    own = svid.spiffe_id.trust_domain.name
+    own = spiffe_id.trust_domain.name
     bundles: dict[str, list[x509.Certificate]] = {}
     for root in roots:
         bundles.setdefault(_root_trust_domain(root) or own, []).append(root)
@@ -172,7 +197,8 @@ def load_identity_files(cert: Path, key: Path, bundle: Path, version: int = 1) -
         raise IdentityError(
             f"identity.bundle: {bundle} holds no authority of our trust domain {own!r}"
         )
-    return _snapshot_from_svid(svid, {k: tuple(v) for k, v in bundles.items()}, version)
+    by_domain = {k: tuple(v) for k, v in bundles.items()}
+    return _snapshot(str(spiffe_id), chain, private_key, by_domain, version)
 
 
 class FileIdentitySource:
