@@ -8,6 +8,9 @@ the agent streams them); ``bearer_token`` (the token of an ``Authorization: Bear
 any) and ``authenticate`` (validate it with ``ca.jwtsvid.validate_jwt_svid`` against our own
 SPIFFE ID and the configured extra audiences). A token is a credential: it must never be logged;
 ``JwtRejected`` carries the validator's reason only. It must not decide policy.
+
+PyJWT (and the ``urllib``/``http.client`` it brings, ~1.5 MiB) is imported when a JWT bundle
+source is built, that is when the configuration has a ``jwt`` block, not by every sidecar.
 """
 
 from __future__ import annotations
@@ -20,17 +23,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from spiffe import TrustDomain
 from spiffe.errors import PySpiffeError
 
-from ca.bundle import from_spiffe_json
 from ca.errors import CaError
-from ca.jwtsvid import validate_jwt_svid
-from ca.keys import PublicKey
 from ca.spiffe_light import load_all as _load_spiffe
+
+if TYPE_CHECKING:
+    from ca.keys import PublicKey
 
 from .errors import ProxyError
 from .identity import workload_api_endpoint
@@ -73,7 +76,7 @@ def jwt_failed_response(reason: str) -> LocalResponse:
     return LocalResponse(401, JWT_FAILED_BODY, (WWW_AUTHENTICATE,), reason=f"jwt_invalid: {reason}")
 
 
-JwtKeys = Mapping[str, Mapping[str, PublicKey]]  # trust domain -> kid -> key
+JwtKeys = Mapping[str, Mapping[str, "PublicKey"]]  # trust domain -> kid -> key
 
 
 class JwtBundles(Protocol):
@@ -110,6 +113,7 @@ class JwtBundleStore:
         self.last_error: str | None = None
         self._lock = threading.Lock()
         self._stamp = self._files_stamp()
+        _load_validator()
         self._keys: JwtKeys = self._load()
 
     @property
@@ -120,6 +124,8 @@ class JwtBundleStore:
         return files_stamp(self.files.values())
 
     def _load(self) -> JwtKeys:
+        from ca.bundle import from_spiffe_json  # noqa: PLC0415  see _load_validator
+
         keys: dict[str, Mapping[str, PublicKey]] = {}
         for trust_domain, file in self.files.items():
             what = (
@@ -186,6 +192,7 @@ class WorkloadApiJwtBundles:
         self.endpoint = endpoint = workload_api_endpoint(endpoint, "jwt")
         self.last_error: str | None = None
         self._lock = threading.Lock()
+        _load_validator()
         _load_spiffe()  # the Workload API client (grpc) is loaded only for this source
         from spiffe import JwtSource  # noqa: PLC0415
 
@@ -253,6 +260,8 @@ def authenticate(
     now: datetime,
 ) -> JwtIdentity:
     """Validate ``token`` as a JWT-SVID for any one of ``audiences``; raises ``JwtRejected``."""
+    from ca.jwtsvid import validate_jwt_svid  # noqa: PLC0415  loaded already: _load_validator
+
     reason: str | None = None
     for audience in dict.fromkeys(audiences):
         try:
@@ -262,3 +271,9 @@ def authenticate(
             continue
         return JwtIdentity(str(claims["sub"]), MappingProxyType(claims))
     raise JwtRejected(reason or "no audience to validate against")
+
+
+def _load_validator() -> None:
+    """Import PyJWT, through ``ca.jwtsvid``, once a JWT bundle source is built: a sidecar
+    without a ``jwt`` block never needs it, and the first token should not wait for it."""
+    import ca.jwtsvid  # noqa: F401, PLC0415
