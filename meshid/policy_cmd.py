@@ -93,7 +93,7 @@ class _CheckCommand(TyperCommand):
 
 
 def _fail(message: str) -> NoReturn:
-    """One line on stderr, exit 1 (as ``meshid.cli.fail``, which this module cannot import)."""
+    """One line on stderr, exit 1 (as ``meshid.commands.fail``, which this module cannot import)."""
     typer.echo(f"meshid: {' '.join(message.splitlines())}", err=True)
     raise typer.Exit(EXIT_ERROR)
 

@@ -11,8 +11,6 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from .logs import setup_logging
-
 proxy_app = typer.Typer(help="Run the mTLS sidecar proxy.", no_args_is_help=True)
 
 WAIT_POLL = 0.2  # seconds between /ready probes: fast enough not to delay an app's start
@@ -29,26 +27,12 @@ def proxy_run(
 ) -> None:
     """Run the proxy in the foreground; SIGTERM drains; SIGHUP (or a change of the file) reloads
     the configuration, identity files and policy."""
-    from tls_proxy import ProxyConfig, ProxyError, load_config
-    from tls_proxy.proxy import Proxy
-    from tls_proxy.runtime import Worker, run_proxy, run_workers
+    # `meshid proxy run --config FILE` seldom gets here: meshid.cli.main runs it without typer.
+    from ._sidecar import run
 
-    try:
-        cfg = load_config(config)
-        Proxy(cfg)  # refuses what cannot run before anything starts
-    except ProxyError as err:
-        _fail(str(err))
-    setup_logging(cfg.log_level)
-
-    def make(cfg: ProxyConfig, worker: Worker | None) -> Proxy:
-        return Proxy(cfg, config_path=config, worker=worker)  # reloads re-read the file
-
-    if cfg.runtime.workers > 1:
-        raise typer.Exit(run_workers(cfg, make))
-    try:
-        run_proxy(cfg, make)
-    except ProxyError as err:
-        _fail(str(err))
+    status = run(config)
+    if status:
+        raise typer.Exit(status)
 
 
 @proxy_app.command("wait")
