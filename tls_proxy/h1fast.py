@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Final, Literal
 
-from .l7 import Header
+from .l7 import HOP_BY_HOP, NEVER_DROPPED, Header
 
 
 class _Declined(enum.Enum):
@@ -49,6 +49,10 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11 ends a head, bare LF included
 # Fields that send a message down h11's path: framing and protocol switches it handles itself.
 _FRAMING_AND_SWITCHING = frozenset({b"transfer-encoding", b"upgrade", b"expect"})
 _NO_BODY_STATUS = frozenset({204, 304})
+# Never forwarded (RFC 9110 §7.6.1), beside the fields a Connection token names; Content-Length
+# and Host are never dropped, whatever a token says.
+_DROPPED = HOP_BY_HOP - NEVER_DROPPED
+_CONNECTION_OPTIONS = HOP_BY_HOP | {b""}
 
 
 @dataclass(slots=True)
@@ -57,7 +61,9 @@ class Request:
 
     method: bytes
     target: bytes
-    headers: list[Header]
+    headers: list[Header]  # as received
+    forward: list[Header]  # without hop-by-hop fields, the Connection-named and ``strip`` ones
+    host: bytes
     length: int  # Content-Length, 0 without one
     close: bool  # ``Connection: close``: the last request of the connection
     size: int  # bytes of the head, blank line included
@@ -69,16 +75,23 @@ class Response:
 
     status: int
     status_line: bytes
-    headers: list[Header]
+    headers: list[Header]  # as received
+    forward: list[Header]  # without hop-by-hop fields and those Connection names
     length: int
     close: bool  # ``Connection: close``: the upstream connection ends after this response
     size: int
 
 
 def parse_request(
-    buf: bytes | bytearray, *, max_bytes: int, max_headers: int, max_body: int
+    buf: bytes | bytearray,
+    *,
+    max_bytes: int,
+    max_headers: int,
+    max_body: int,
+    strip: frozenset[bytes] = frozenset(),
 ) -> Request | Declined | None:
-    """The request head at the front of ``buf``; ``None`` while it is incomplete."""
+    """The request head at the front of ``buf``; ``None`` while it is incomplete. Fields
+    named in ``strip`` (lower-case) are left out of ``Request.forward``."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return _incomplete(buf, max_bytes)
@@ -90,14 +103,14 @@ def parse_request(
     line = _REQUEST_LINE.fullmatch(lines[0])
     if line is None:
         return DECLINED
-    fields = _fields(lines)
+    fields = _fields(lines, (_DROPPED | strip) - NEVER_DROPPED if strip else _DROPPED)
     if fields is None:
         return DECLINED
-    headers, length, close, hosts, other = fields
+    headers, forward, length, close, hosts, host, other = fields
     if hosts != 1 or length > max_body or other or line[1] == b"CONNECT":
         return DECLINED
     length = max(length, 0)
-    return Request(line[1], line[2], headers, length, close, end + 4)
+    return Request(line[1], line[2], headers, forward, host, length, close, end + 4)
 
 
 def parse_response(
@@ -113,10 +126,10 @@ def parse_response(
     line = _STATUS_LINE.fullmatch(lines[0])
     if line is None:
         return DECLINED
-    fields = _fields(lines)
+    fields = _fields(lines, _DROPPED)
     if fields is None:
         return DECLINED
-    headers, length, close, _, other = fields
+    headers, forward, length, close, _, _, other = fields
     if other:
         return DECLINED  # chunked, or a protocol switch: h11 frames those
     status = int(line[1])
@@ -124,7 +137,7 @@ def parse_response(
         length = 0
     elif length < 0:
         return DECLINED  # no Content-Length: read until close; h11 re-frames that
-    return Response(status, lines[0], headers, length, close, end + 4)
+    return Response(status, lines[0], headers, forward, length, close, end + 4)
 
 
 def _incomplete(buf: bytes | bytearray, max_bytes: int) -> Declined | None:
@@ -136,34 +149,43 @@ def _incomplete(buf: bytes | bytearray, max_bytes: int) -> Declined | None:
 
 
 def _fields(
-    lines: list[bytes],
-) -> tuple[list[Header], int, bool, int, set[bytes]] | None:
-    """The header lines after the first: (fields, Content-Length or -1, ``close``, the number
-    of Host fields, which of Transfer-Encoding, Upgrade and Expect are present); None when a
+    lines: list[bytes], drop: frozenset[bytes]
+) -> tuple[list[Header], list[Header], int, bool, int, bytes, set[bytes]] | None:
+    """The header lines after the first: (fields, those to forward (not in ``drop`` nor named
+    by a Connection token), Content-Length or -1, ``close``, the number of Host fields and the
+    last one's value, which of Transfer-Encoding, Upgrade and Expect are present); None when a
     line is not a plain field, or Content-Length is repeated or not one run of digits."""
     headers: list[Header] = []
+    forward: list[Header] = []
     length = -1
-    close = False
     hosts = 0
+    host = b""
+    tokens: set[bytes] = set()
     other: set[bytes] = set()
     for raw in lines[1:]:
         match = _FIELD.fullmatch(raw)
         if match is None:
             return None
-        name, value = match[1], match[2] or b""
-        headers.append((name, value))
+        field = name, value = match[1], match[2] or b""
+        headers.append(field)
         lower = name.lower()
+        if lower not in drop:
+            forward.append(field)
         if lower == b"host":
             hosts += 1
+            host = value
         elif lower == b"content-length":
             if length >= 0 or _DIGITS.fullmatch(value) is None:
                 return None
             length = int(value)
         elif lower == b"connection":
-            close = close or b"close" in {token.strip().lower() for token in value.split(b",")}
+            tokens.update(token.strip().lower() for token in value.split(b","))
         elif lower in _FRAMING_AND_SWITCHING:
             other.add(lower)
-    return headers, length, close, hosts, other
+    named = tokens - _CONNECTION_OPTIONS - NEVER_DROPPED
+    if named:  # Connection names fields of its own: they are not forwarded either
+        forward = [field for field in forward if field[0].lower() not in named]
+    return headers, forward, length, b"close" in tokens, hosts, host, other
 
 
 def response_head(status_line: bytes, headers: list[Header]) -> bytes:

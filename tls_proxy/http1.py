@@ -52,10 +52,10 @@ from .l7 import (
     Header,
     HttpRejected,
     HttpSession,
+    LazyHeaders,
     LocalResponse,
     RequestHead,
     Upstream,
-    authz_headers,
     check_fields,
     check_raw_head,
     classify_h11_error,
@@ -114,6 +114,12 @@ class _Http1:
         self.answered = False  # fast mode: a byte of the current response went to the client
         self.begun = False  # a byte of the current request has arrived
         self.deadline = Deadline()  # bounds the reads and writes of this (the connection's) task
+        # inbound: the identity headers a client may not set, never forwarded
+        self.strip = (
+            frozenset(h.lower().encode("latin-1") for h in session.settings.identity_headers)
+            if session.xfcc is not None
+            else frozenset()
+        )
 
     async def run(self) -> None:
         try:
@@ -194,6 +200,7 @@ class _Http1:
                     max_bytes=settings.max_header_bytes,
                     max_headers=settings.max_headers,
                     max_body=FAST_BODY_MAX,
+                    strip=self.strip,
                 )
                 if request is not None:
                     break
@@ -291,12 +298,12 @@ class _Http1:
             ex.started, ex.started_at = time.monotonic(), datetime.now(UTC)
 
     async def _handle(self, request: h1fast.Request | h11.Request, ex: Exchange) -> bool:
+        if isinstance(request, h1fast.Request):
+            return await self._handle_fast(request, ex)
         settings = self.s.settings
         method = request.method.decode("ascii")
         raw_target = request.target.decode("latin-1")
-        headers: list[Header] = (
-            request.headers if isinstance(request, h1fast.Request) else request.headers.raw_items()
-        )
+        headers: list[Header] = request.headers.raw_items()
         host = next((v.decode("latin-1") for n, v in headers if n.lower() == b"host"), None)
         ex.method, ex.host = method, host
         path: str | None
@@ -318,25 +325,45 @@ class _Http1:
             strip=[h.encode("latin-1") for h in settings.identity_headers] if inbound else (),
             add=((XFCC_HEADER, self.s.xfcc),) if self.s.xfcc is not None else (),
         )
-        head = RequestHead(method, target, path, host, authz_headers(forwarded))
+        head = RequestHead(method, target, path, host, LazyHeaders(forwarded))
         answer = await self.s.chain.on_request(self.conn, head, ex)
         if answer is not None:
             ex.result = "denied"
-            if isinstance(request, h1fast.Request):
-                return await self._answer_fast(answer, ex, request)
             return await self._answer(answer, ex)
         upstream = await self._upstream()
         if upstream is None:
             raise _UpstreamFailed(self.conn.detail or "upstream unreachable")
         ex.result = "allowed"
-        if isinstance(request, h1fast.Request):
-            return await self._forward_fast(request, target.encode("ascii"), forwarded, ex)
         outgoing = h11.Request(
             method=request.method, target=target.encode("ascii"), headers=forwarded
         )
         return await self._forward(outgoing, ex, streaming=upgrade or method == "CONNECT")
 
     # -- the fast path --------------------------------------------------------------------
+
+    async def _handle_fast(self, request: h1fast.Request, ex: Exchange) -> bool:
+        """``_handle`` for a fast-path request (origin-form, no upgrade, its body in hand)."""
+        raw_target = request.target.decode("ascii")
+        ex.method = method = request.method.decode("ascii")
+        ex.host = host = request.host.decode("latin-1")
+        try:
+            target = normalize_path(raw_target, encoded_slashes=self.s.settings.encoded_slashes)
+        except PathError as err:
+            ex.path = raw_target[:200]
+            raise HttpRejected(400, "invalid_path", str(err)) from err
+        ex.path = path = target.partition("?")[0]
+        forwarded = request.forward
+        if self.s.xfcc is not None:
+            forwarded.append((XFCC_HEADER, self.s.xfcc))
+        head = RequestHead(method, target, path, host, LazyHeaders(forwarded))
+        answer = await self.s.chain.on_request(self.conn, head, ex)
+        if answer is not None:
+            ex.result = "denied"
+            return await self._answer_fast(answer, ex, request)
+        if await self._upstream() is None:
+            raise _UpstreamFailed(self.conn.detail or "upstream unreachable")
+        ex.result = "allowed"
+        return await self._forward_fast(request, target.encode("ascii"), forwarded, ex)
 
     async def _forward_fast(
         self, request: h1fast.Request, target: bytes, forwarded: list[Header], ex: Exchange
@@ -388,6 +415,8 @@ class _Http1:
         reader = self.upstream[0]
         upbuf = self.upbuf
         head_request = request.method == b"HEAD"
+        if not upbuf:
+            upbuf += await self._recv_up(reader)
         while True:
             response = h1fast.parse_response(
                 upbuf, max_bytes=MAX_RESPONSE_HEAD, head_request=head_request
@@ -398,7 +427,7 @@ class _Http1:
         if response is DECLINED:
             return await self._response_h11(request, target, forwarded, raw, ex)
         ex.status = response.status
-        headers = forward_headers(response.headers)
+        headers = response.forward
         if request.close:
             headers.append((b"connection", b"close"))
         end = response.size + response.length

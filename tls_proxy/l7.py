@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Literal, Protocol
@@ -244,6 +244,31 @@ def authz_headers(headers: Sequence[Header]) -> dict[str, str]:
         text = value.decode("latin-1")
         out[key] = f"{out[key]},{text}" if key in out else text
     return out
+
+
+class LazyHeaders(Mapping[str, str]):
+    """``authz_headers`` of a field list, built the first time a filter reads it: most
+    requests meet no rule that looks at headers."""
+
+    __slots__ = ("_fields", "_map")
+
+    def __init__(self, fields: Sequence[Header]) -> None:
+        self._fields = fields
+        self._map: dict[str, str] | None = None
+
+    def _built(self) -> dict[str, str]:
+        if self._map is None:
+            self._map = authz_headers(self._fields)
+        return self._map
+
+    def __getitem__(self, key: str) -> str:
+        return self._built()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._built())
+
+    def __len__(self) -> int:
+        return len(self._built())
 
 
 def denied_response(verdict: Verdict, *, debug: bool) -> LocalResponse:

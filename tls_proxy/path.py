@@ -22,6 +22,7 @@ Case is preserved: paths are case-sensitive (RFC 3986 §6.2.2.1), and so is poli
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Literal
 
@@ -35,6 +36,12 @@ FIRST_VISIBLE, LAST_VISIBLE = 0x21, 0x7E  # visible ASCII (RFC 5234 VCHAR): all 
 SPACE, DEL = 0x20, 0x7F  # below SPACE and DEL itself are control characters, refused everywhere
 
 
+# Already normal: segments of unreserved and sub-delim characters (no '%', no backslash), none
+# empty or starting with '.', and a query of visible ASCII. Such a target normalizes to itself
+# (tests/tls_proxy/test_path.py checks that against the rules below).
+_NORMAL = re.compile(r"(?=/)(?:/(?!\.)[A-Za-z0-9\-._~!$&'()*+,;=:@]+)*/?(?:\?[\x21-\x7e]*)?")
+
+
 class PathError(ValueError):
     """The request path cannot be normalized safely; the proxy answers 400 Bad Request."""
 
@@ -46,6 +53,8 @@ def normalize_path(raw: str, *, encoded_slashes: EncodedSlashes = "reject") -> s
     """
     if encoded_slashes not in ("reject", "decode", "keep"):
         raise ValueError(f"encoded_slashes must be reject, decode or keep, not {encoded_slashes!r}")
+    if _NORMAL.fullmatch(raw):
+        return raw  # nothing to decode, merge or resolve: the common case, checked in one pass
     path, question, query = raw.partition("?")
     for ch in query:
         if ord(ch) < SPACE or ord(ch) == DEL:

@@ -45,12 +45,18 @@ def idle_and_intact(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) 
 
 
 class UpstreamPool:
-    """Idle connections of one listener, LIFO, bounded in number and idle time."""
+    """Idle connections of one listener, LIFO, bounded in number and idle time.
+
+    Checking a connection in and out happens once per request, so neither costs a timer: an
+    entry carries the loop time it expires at, and one timer per pool (armed for the oldest
+    entry while any is idle) closes the expired ones.
+    """
 
     def __init__(self, max_idle: int, idle_timeout: float) -> None:
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
-        self._idle: list[tuple[Pooled, asyncio.TimerHandle]] = []
+        self._idle: list[tuple[Pooled, float]] = []  # oldest first: (entry, expiry)
+        self._sweep: asyncio.TimerHandle | None = None
         self._closed = False
         self.reused = 0  # connections handed out again (for tests and /metrics)
 
@@ -62,20 +68,21 @@ class UpstreamPool:
         ``address`` is given, going there: a transparent listener's connections each go to
         their own original destination), or None. Connections of another tag, or no longer
         intact, are closed on the way; those to another address are kept."""
-        kept: list[tuple[Pooled, asyncio.TimerHandle]] = []
+        kept: list[tuple[Pooled, float]] = []
         found: Pooled | None = None
         while self._idle:
-            entry, timer = self._idle.pop()
+            item = self._idle.pop()
+            entry = item[0]
             if address is not None and entry.address != address:
-                kept.append((entry, timer))
+                kept.append(item)
                 continue
-            timer.cancel()
             if entry.tag is tag and idle_and_intact(entry.reader, entry.writer):
                 self.reused += 1
                 found = entry
                 break
             entry.writer.close()  # rotated away from, or closed/used by the far side
-        self._idle.extend(reversed(kept))
+        if kept:
+            self._idle.extend(reversed(kept))
         return found
 
     def put(self, entry: Pooled) -> None:
@@ -88,20 +95,32 @@ class UpstreamPool:
         ):
             entry.writer.close()
             return
-        timer = asyncio.get_running_loop().call_later(self.idle_timeout, self._expire, entry)
-        self._idle.append((entry, timer))
+        loop = asyncio.get_running_loop()
+        expiry = loop.time() + self.idle_timeout
+        self._idle.append((entry, expiry))
+        if self._sweep is None:
+            self._sweep = loop.call_at(expiry, self._expire)
 
-    def _expire(self, entry: Pooled) -> None:
-        for index, (pooled, _) in enumerate(self._idle):
-            if pooled is entry:
-                del self._idle[index]
-                break
-        entry.writer.close()
+    def _expire(self) -> None:
+        """Close the connections idle for ``idle_timeout``; re-arm for the next to expire."""
+        self._sweep = None
+        now = asyncio.get_running_loop().time()
+        live = [(entry, expiry) for entry, expiry in self._idle if expiry > now]
+        for entry, expiry in self._idle:
+            if expiry <= now:
+                entry.writer.close()
+        self._idle = live
+        if live:
+            self._sweep = asyncio.get_running_loop().call_at(
+                min(expiry for _, expiry in live), self._expire
+            )
 
     def close(self) -> None:
         """Close every idle connection and keep none from now on (drain)."""
         self._closed = True
-        for entry, timer in self._idle:
-            timer.cancel()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        for entry, _ in self._idle:
             entry.writer.close()
         self._idle.clear()

@@ -11,13 +11,16 @@ from hypothesis import strategies as st
 
 from tls_proxy import h1fast
 from tls_proxy.h1fast import DECLINED
-from tls_proxy.l7 import check_fields, check_raw_head, wants_close
+from tls_proxy.l7 import check_fields, check_raw_head, forward_headers, wants_close
 
 LIMITS = {"max_bytes": 8192, "max_headers": 20, "max_body": 1000}
 
 
+STRIP = frozenset({b"x-forwarded-client-cert", b"x-a"})
+
+
 def parse(raw: bytes, **limits: int) -> h1fast.Request | h1fast.Declined | None:
-    return h1fast.parse_request(raw, **{**LIMITS, **limits})
+    return h1fast.parse_request(raw, **{**LIMITS, **limits}, strip=STRIP)
 
 
 def test_a_plain_get_is_served_with_its_fields_as_they_came() -> None:
@@ -131,9 +134,11 @@ METHODS = [b"GET", b"POST", b"HEAD", b"DELETE", b"CONNECT", b"G T", b"get", b""]
 TARGETS = [b"/", b"/a?b=c", b"/%2e%2e/x", b"*", b"http://a/", b"/a b", b"/\x80", b""]
 VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2.0", b"http/1.1", b"HTTP/1.1 "]
 NAMES = [b"Host", b"host", b"Content-Length", b"Transfer-Encoding", b"Connection", b"Upgrade"]
-NAMES += [b"Expect", b"X-A", b"x a", b"", b"X-A ", b" X-A", b"TE", b"Keep-Alive"]
+NAMES += [b"Expect", b"X-A", b"x a", b"", b"X-A ", b" X-A", b"TE", b"Keep-Alive", b"Close"]
+NAMES += [b"X-Forwarded-Client-Cert", b"X-B"]
 VALUES = [b"a", b"5", b"05", b"5, 5", b"+5", b"", b" 5 ", b"chunked", b"close", b"keep-alive"]
 VALUES += [b"Close, te", b"\x01", b"a\tb", b"\xe9", b"a\rb", b"a\nb", b"  x  ", b"100-continue"]
+VALUES += [b"x-b, keep-alive", b"X-A,close", b"host"]
 ENDS = [b"\r\n"] * 6 + [b"\n", b"\r", b"\r\r\n"]
 
 
@@ -148,9 +153,9 @@ def heads(draw: st.DrawFn, *, first_lines: list[bytes], plain: list[bytes]) -> b
         return pick(ENDS, [b"\r\n"])
 
     fields = [
-        pick(NAMES, [b"X-A", b"Accept", b"Content-Length", b"Connection"])
+        pick(NAMES, [b"X-A", b"Accept", b"Content-Length", b"Connection", b"X-B"])
         + pick(COLONS, [b": "])
-        + pick(VALUES, [b"a", b"5", b"close", b"  x  "])
+        + pick(VALUES, [b"a", b"5", b"close", b"  x  ", b"x-b, keep-alive"])
         for _ in range(draw(st.integers(0, 5)))
     ]
     if draw(st.integers(0, 4)):
@@ -206,6 +211,8 @@ def test_an_accepted_request_reads_the_same_in_h11(raw: bytes) -> None:
     assert (head.method, head.target) == (request.method, request.target)
     assert head.headers.raw_items() == request.headers
     assert request.close == wants_close(request.headers)
+    assert request.forward == forward_headers(request.headers, strip=STRIP)
+    assert [request.host] == [v for n, v in request.headers if n.lower() == b"host"]
     body = raw[request.size : request.size + request.length]
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == body
     assert isinstance(events[-1], h11.EndOfMessage) == (len(body) == request.length)
@@ -228,6 +235,7 @@ def test_an_accepted_response_reads_the_same_in_h11(raw: bytes, method: bytes) -
     assert head.status_code == parsed.status
     assert head.headers.raw_items() == parsed.headers
     assert parsed.close == wants_close(parsed.headers)
+    assert parsed.forward == forward_headers(parsed.headers)
     body = raw[parsed.size : parsed.size + parsed.length]
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == body
     assert isinstance(events[-1], h11.EndOfMessage) == (len(body) == parsed.length)

@@ -141,3 +141,20 @@ def test_only_path_error_and_idempotent(raw: str, mode: EncodedSlashes) -> None:
     segments = path.split("/")
     assert "." not in segments
     assert ".." not in segments
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    st.text(alphabet="/.a%2Ef;:@?=&~_-#\\ \x7f", max_size=24),
+    st.sampled_from(["reject", "decode", "keep"]),
+)
+def test_the_one_pass_check_for_normal_targets_agrees_with_the_rules(
+    raw: str, slashes: EncodedSlashes
+) -> None:
+    """Targets the fast check lets through unchanged are exactly what the full rules make of
+    them; everything else takes the full rules."""
+    from tls_proxy import path as module
+
+    if module._NORMAL.fullmatch(raw) is None:
+        return
+    assert module._resolve(module._decode(raw.partition("?")[0], slashes)) == raw.partition("?")[0]

@@ -338,6 +338,8 @@ class AuthzFilter:
                 policy=verdict.policy or "none",
                 rule="none" if verdict.rule is None else str(verdict.rule),
             )
+        if verdict.allowed and not (verdict.dry_run or verdict.audit):
+            return None
         fields = {
             "listener": conn.listener,
             "peer_id": conn.peer_id,
