@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) bench/metrics.py
 	$(PY) bench/agent.py --entries-latency 100 --sync-entries 2000 --streams 200
 	@echo "Proxy chains beside HAProxy, nginx and stunnel (needs root and apt, ~4 min): bench/proxy.sh"
+	@echo "Instructions per proxied request, deterministic (needs valgrind, ~1 min): bench/proxy_ir.sh"
 
 # Regenerate the lock CI installs from, after changing dependency ranges in pyproject.toml.
 lock:
