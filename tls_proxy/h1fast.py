@@ -17,7 +17,9 @@ Every head that is not exactly such a shape is ``DECLINED``, never refused here:
 it to h11 and the hardening checks of ``l7``, which accept it with its full semantics or refuse it
 with the precise reason. So what this module accepts is a subset of what the h11 path accepts,
 and it is read the same way (``tests/tls_proxy/test_h1fast.py`` compares the two on generated
-heads). Pure: bytes in, values out; it must not do I/O.
+heads). While reading the fields it also keeps those to forward (``forward``: what
+``l7.forward_headers`` would keep), so the hot path walks them once. Pure: bytes in, values
+out; it must not do I/O.
 """
 
 from __future__ import annotations

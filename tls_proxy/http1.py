@@ -522,15 +522,8 @@ class _Http1:
         if closed:
             return
         if up is not None:
-            if (
-                up.our_state is h11.IDLE
-                and up.their_state is h11.IDLE
-                and up.trailing_data
-                == (
-                    b"",
-                    False,
-                )
-            ):
+            rest, ended = up.trailing_data
+            if up.our_state is h11.IDLE and up.their_state is h11.IDLE and not rest and not ended:
                 self.up, self.up_clean = None, True
             else:
                 await self._drop_upstream()
