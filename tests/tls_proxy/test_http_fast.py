@@ -1,16 +1,22 @@
-"""The HTTP/1.1 fast path through two real proxies: exchanges it serves and exchanges it hands
-to h11 share one client connection and one upstream connection, in any order, and messages
-framed across reads or pipelined in one read cross intact."""
+"""The HTTP/1.1 fast path through real proxies: exchanges it serves and exchanges it hands to
+h11 share one client connection and one upstream connection, in any order; messages framed
+across reads or pipelined in one read cross intact; and an upstream that closes, sends bytes
+after a body or an interim response is read right."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
 
+from ._harness import client_context, proxy_config, running
 from ._http import Client
+from ._pki import CLIENT, WEB, mint, new_authority
 from .test_http import header, mesh, run
 
 
@@ -105,5 +111,126 @@ def test_connection_close_from_the_client_ends_the_connection_after_the_answer(
             seen = json.loads(body)
             assert seen["target"] == "/c"
             assert header(seen, "connection") == []  # hop-by-hop: not forwarded
+
+    run(main)
+
+
+@dataclass
+class ScriptedApp:
+    port: int
+    connections: int = 0
+
+
+@asynccontextmanager
+async def scripted_app(script: list[tuple[bytes, bool]]) -> AsyncIterator[ScriptedApp]:
+    """Answers each request head with the next scripted bytes, closing after it when told:
+    responses no well-behaved app sends, for the proxy's reading of its upstream."""
+    app = ScriptedApp(port=0)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        app.connections += 1
+        try:
+            while script:
+                await reader.readuntil(b"\r\n\r\n")
+                response, close = script.pop(0)
+                writer.write(response)
+                await writer.drain()
+                if close:
+                    break
+        except (asyncio.IncompleteReadError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    app.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield app
+
+
+@asynccontextmanager
+async def inbound_to(
+    tmp: Path, script: list[tuple[bytes, bool]]
+) -> AsyncIterator[tuple[ScriptedApp, Client]]:
+    """An inbound proxy in front of a scripted app, and a client connection to it over mTLS."""
+    ca = new_authority()
+    async with scripted_app(script) as app:
+        config = proxy_config(
+            tmp / "web",
+            mint(ca, WEB),
+            [ca],
+            inbound=[
+                {
+                    "name": "web",
+                    "listen": "127.0.0.1:0",
+                    "forward": f"127.0.0.1:{app.port}",
+                    "protocol": "http",
+                }
+            ],
+        )
+        async with running(config, tmp) as inbound:
+            client = await Client.open(
+                inbound.port("web"), client_context(mint(ca, CLIENT), ca, tmp)
+            )
+            try:
+                yield app, client
+            finally:
+                await client.close()
+
+
+def test_an_upstream_answer_with_connection_close_ends_only_that_upstream_connection(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        script = [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\na", True),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb", False),
+        ]
+        async with inbound_to(tmp_path, script) as (app, client):
+            first = await client.request("GET", "/1")
+            second = await client.request("GET", "/2")  # same client connection
+            assert (first.status, first.body, second.status, second.body) == (200, b"a", 200, b"b")
+            assert "connection" not in first.headers  # hop-by-hop: the client's stays open
+            assert app.connections == 2
+
+    run(main)
+
+
+def test_bytes_after_a_response_body_are_not_relayed_nor_read_as_the_next_answer(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        smuggled = b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil"
+        script = [
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na" + smuggled, False),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb", False),
+        ]
+        async with inbound_to(tmp_path, script) as (app, client):
+            first = await client.request("GET", "/1")
+            second = await client.request("GET", "/2")
+            assert (first.body, second.body) == (b"a", b"b")
+            assert app.connections == 2  # the connection that broke framing was not reused
+
+    run(main)
+
+
+def test_an_interim_response_is_relayed_and_the_connection_goes_back_to_the_fast_path(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        script = [
+            (
+                b"HTTP/1.1 103 Early Hints\r\nLink: </s.css>\r\n\r\n"
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+                False,
+            ),
+            (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb", False),
+        ]
+        async with inbound_to(tmp_path, script) as (app, client):
+            first = await client.request("GET", "/1")
+            second = await client.request("GET", "/2")
+            assert (first.informational, first.status, first.body) == ([103], 200, b"ok")
+            assert (second.status, second.body) == (200, b"b")
+            assert app.connections == 1
 
     run(main)
