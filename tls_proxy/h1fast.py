@@ -63,12 +63,17 @@ class Request:
 
     method: bytes
     target: bytes
-    headers: list[Header]  # as received
+    lines: list[bytes]  # the head's lines, request line first
     forward: list[Header]  # without hop-by-hop fields, the Connection-named and ``strip`` ones
     host: bytes
     length: int  # Content-Length, 0 without one
     close: bool  # ``Connection: close``: the last request of the connection
     size: int  # bytes of the head, blank line included
+
+    @property
+    def headers(self) -> list[Header]:
+        """The fields as received (the hot path reads ``forward`` only)."""
+        return _as_received(self.lines)
 
 
 @dataclass(slots=True)
@@ -76,12 +81,26 @@ class Response:
     """A final response head; ``length`` body bytes follow ``size`` bytes of head."""
 
     status: int
-    status_line: bytes
-    headers: list[Header]  # as received
+    lines: list[bytes]  # the head's lines, status line first
     forward: list[Header]  # without hop-by-hop fields and those Connection names
     length: int
     close: bool  # ``Connection: close``: the upstream connection ends after this response
     size: int
+
+    @property
+    def status_line(self) -> bytes:
+        return self.lines[0]
+
+    @property
+    def headers(self) -> list[Header]:
+        """The fields as received (the hot path reads ``forward`` only)."""
+        return _as_received(self.lines)
+
+
+def dropped(strip: frozenset[bytes] = frozenset()) -> frozenset[bytes]:
+    """The fields never forwarded: the hop-by-hop ones and ``strip`` (lower-case), minus those
+    that frame or route a message (``parse_request``'s ``drop``; computed once per codec)."""
+    return (_DROPPED | strip) - NEVER_DROPPED
 
 
 def parse_request(
@@ -90,48 +109,43 @@ def parse_request(
     max_bytes: int,
     max_headers: int,
     max_body: int,
-    strip: frozenset[bytes] = frozenset(),
+    drop: frozenset[bytes] = _DROPPED,
 ) -> Request | Declined | None:
     """The request head at the front of ``buf``; ``None`` while it is incomplete. Fields
-    named in ``strip`` (lower-case) are left out of ``Request.forward``."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return _incomplete(buf, max_bytes)
-    if end + 4 > max_bytes:
-        return DECLINED
-    lines = bytes(buf[:end]).split(b"\r\n")
+    named in ``drop`` (see ``dropped``) are left out of ``Request.forward``."""
+    head = _head_lines(buf, max_bytes)
+    if not isinstance(head, tuple):
+        return head
+    lines, size = head
     if len(lines) - 1 > max_headers:
         return DECLINED
     line = _REQUEST_LINE.fullmatch(lines[0])
     if line is None:
         return DECLINED
-    fields = _fields(lines, (_DROPPED | strip) - NEVER_DROPPED if strip else _DROPPED)
+    fields = _fields(lines, drop)
     if fields is None:
         return DECLINED
-    headers, forward, length, close, hosts, host, other = fields
+    forward, length, close, hosts, host, other = fields
     if hosts != 1 or length > max_body or other or line[1] == b"CONNECT":
         return DECLINED
-    length = max(length, 0)
-    return Request(line[1], line[2], headers, forward, host, length, close, end + 4)
+    return Request(line[1], line[2], lines, forward, host, max(length, 0), close, size)
 
 
 def parse_response(
     buf: bytes | bytearray, *, max_bytes: int, head_request: bool
 ) -> Response | Declined | None:
     """The final response head at the front of ``buf``; ``None`` while it is incomplete."""
-    end = buf.find(b"\r\n\r\n")
-    if end < 0:
-        return _incomplete(buf, max_bytes)
-    if end + 4 > max_bytes:
-        return DECLINED
-    lines = bytes(buf[:end]).split(b"\r\n")
+    head = _head_lines(buf, max_bytes)
+    if not isinstance(head, tuple):
+        return head
+    lines, size = head
     line = _STATUS_LINE.fullmatch(lines[0])
     if line is None:
         return DECLINED
     fields = _fields(lines, _DROPPED)
     if fields is None:
         return DECLINED
-    headers, forward, length, close, _, _, other = fields
+    forward, length, close, _, _, other = fields
     if other:
         return DECLINED  # chunked, or a protocol switch: h11 frames those
     status = int(line[1])
@@ -139,7 +153,20 @@ def parse_response(
         length = 0
     elif length < 0:
         return DECLINED  # no Content-Length: read until close; h11 re-frames that
-    return Response(status, lines[0], headers, forward, length, close, end + 4)
+    return Response(status, lines, forward, length, close, size)
+
+
+def _head_lines(
+    buf: bytes | bytearray, max_bytes: int
+) -> tuple[list[bytes], int] | Declined | None:
+    """The lines of the head at the front of ``buf`` and its size, blank line included; None
+    while it is incomplete, ``DECLINED`` when it is too large."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        return _incomplete(buf, max_bytes)
+    if end + 4 > max_bytes:
+        return DECLINED
+    return bytes(buf[:end]).split(b"\r\n"), end + 4
 
 
 def _incomplete(buf: bytes | bytearray, max_bytes: int) -> Declined | None:
@@ -152,12 +179,11 @@ def _incomplete(buf: bytes | bytearray, max_bytes: int) -> Declined | None:
 
 def _fields(
     lines: list[bytes], drop: frozenset[bytes]
-) -> tuple[list[Header], list[Header], int, bool, int, bytes, set[bytes]] | None:
-    """The header lines after the first: (fields, those to forward (not in ``drop`` nor named
+) -> tuple[list[Header], int, bool, int, bytes, set[bytes]] | None:
+    """The header lines after the first: (the fields to forward (not in ``drop`` nor named
     by a Connection token), Content-Length or -1, ``close``, the number of Host fields and the
     last one's value, which of Transfer-Encoding, Upgrade and Expect are present); None when a
     line is not a plain field, or Content-Length is repeated or not one run of digits."""
-    headers: list[Header] = []
     forward: list[Header] = []
     length = -1
     hosts = 0
@@ -169,7 +195,6 @@ def _fields(
         if match is None:
             return None
         field = name, value = match[1], match[2] or b""
-        headers.append(field)
         lower = name.lower()
         if lower not in drop:
             forward.append(field)
@@ -187,7 +212,17 @@ def _fields(
     named = tokens - _CONNECTION_OPTIONS - NEVER_DROPPED
     if named:  # Connection names fields of its own: they are not forwarded either
         forward = [field for field in forward if field[0].lower() not in named]
-    return headers, forward, length, b"close" in tokens, hosts, host, other
+    return forward, length, b"close" in tokens, hosts, host, other
+
+
+def _as_received(lines: list[bytes]) -> list[Header]:
+    """The fields of a head ``parse_request`` or ``parse_response`` accepted, as received."""
+    out: list[Header] = []
+    for raw in lines[1:]:
+        match = _FIELD.fullmatch(raw)
+        assert match is not None  # every line was matched when the head was accepted
+        out.append((match[1], match[2] or b""))
+    return out
 
 
 def response_head(status_line: bytes, headers: list[Header]) -> bytes:

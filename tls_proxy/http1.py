@@ -115,11 +115,12 @@ class _Http1:
         self.begun = False  # a byte of the current request has arrived
         self.deadline = Deadline()  # bounds the reads and writes of this (the connection's) task
         # inbound: the identity headers a client may not set, never forwarded
-        self.strip = (
+        self.identity = (
             frozenset(h.lower().encode("latin-1") for h in session.settings.identity_headers)
             if session.xfcc is not None
             else frozenset()
         )
+        self.drop = h1fast.dropped(self.identity)  # with the hop-by-hop fields
 
     async def run(self) -> None:
         try:
@@ -200,7 +201,7 @@ class _Http1:
                     max_bytes=settings.max_header_bytes,
                     max_headers=settings.max_headers,
                     max_body=FAST_BODY_MAX,
-                    strip=self.strip,
+                    drop=self.drop,
                 )
                 if request is not None:
                     break
@@ -318,11 +319,10 @@ class _Http1:
             path = target.partition("?")[0]
         ex.path = path if path is not None else target
         upgrade = wants_upgrade(headers)
-        inbound = self.s.xfcc is not None
         forwarded = forward_headers(
             headers,
             upgrade=upgrade,
-            strip=[h.encode("latin-1") for h in settings.identity_headers] if inbound else (),
+            strip=self.identity,
             add=((XFCC_HEADER, self.s.xfcc),) if self.s.xfcc is not None else (),
         )
         head = RequestHead(method, target, path, host, LazyHeaders(forwarded))
