@@ -187,13 +187,8 @@ class _Http1:
         """The next request head with its whole body in ``buf``; None when the peer closed
         or went idle; ``DECLINED`` when the head is not a shape the fast path serves."""
         settings = self.s.settings
-        loop = asyncio.get_running_loop()
         buf = self.buf
-        deadline: float | None = None
-        if buf:
-            self._begin(ex)
-            deadline = loop.time() + settings.header_timeout
-        request: h1fast.Request | h1fast.Declined | None = None
+        deadline = self._head_begun(ex) if buf else None
         while True:
             if buf:
                 request = h1fast.parse_request(
@@ -205,30 +200,14 @@ class _Http1:
                 )
                 if request is not None:
                     break
-            try:
-                data = await self._recv(
-                    self.reader,
-                    loop.time() + settings.keepalive_timeout if deadline is None else deadline,
-                )
-            except TimeoutError as err:
-                if deadline is None:
-                    return None  # idle keep-alive connection: close quietly (RFC 9112 §9.5)
-                raise HttpRejected(
-                    408,
-                    "header_timeout",
-                    f"no complete request head within {settings.header_timeout} s",
-                ) from err
-            if not data:
-                if self.begun:
-                    raise _ClientGone
+            received = await self._head_bytes(ex, deadline)
+            if received is None:
                 return None
-            if deadline is None:
-                self._begin(ex)
-                deadline = loop.time() + settings.header_timeout
+            data, deadline = received
             buf += data
-            self.conn.bytes_in += len(data)
         if request is DECLINED:
             return DECLINED
+        loop = asyncio.get_running_loop()
         while len(buf) < request.size + request.length:  # the rest of a small body
             data = await self._recv(self.reader, loop.time() + self.s.idle)
             if not data:
@@ -236,6 +215,43 @@ class _Http1:
             buf += data
             self.conn.bytes_in += len(data)
         return request
+
+    def _head_begun(self, ex: Exchange) -> float:
+        """A head's first byte is here: its exchange begins, and its deadline (the header
+        timeout from now) is returned."""
+        self._begin(ex)
+        return asyncio.get_running_loop().time() + self.s.settings.header_timeout
+
+    async def _head_bytes(self, ex: Exchange, deadline: float | None) -> tuple[bytes, float] | None:
+        """The next bytes of a request head and the head's deadline. Before its first byte
+        the keep-alive timeout bounds the wait, and a peer that closes or stays idle ends the
+        connection quietly (None, RFC 9112 §9.5); from it, the header timeout does (408)."""
+        settings = self.s.settings
+        loop = asyncio.get_running_loop()
+        # ``_recv`` written out: this read is on every request, and a coroutine less counts
+        self.deadline.arm(
+            loop.time() + settings.keepalive_timeout if deadline is None else deadline
+        )
+        try:
+            data = await self.reader.read(CHUNK)
+        except asyncio.CancelledError:
+            if not self.deadline.expired():
+                raise
+            if deadline is None:
+                return None
+            raise HttpRejected(
+                408,
+                "header_timeout",
+                f"no complete request head within {settings.header_timeout} s",
+            ) from None
+        finally:
+            self.deadline.disarm()
+        if not data:
+            if self.begun:
+                raise _ClientGone
+            return None
+        self.conn.bytes_in += len(data)
+        return data, self._head_begun(ex) if deadline is None else deadline
 
     def _h11_server(self, data: bytes) -> h11.Connection:
         """An h11 machine toward the client, fed ``data`` (what we hold of its bytes)."""
@@ -250,12 +266,8 @@ class _Http1:
         """The next request head by h11, checked; None when the peer closed or went idle."""
         assert self.down is not None
         settings = self.s.settings
-        loop = asyncio.get_running_loop()
         head = bytearray(self.down.trailing_data[0])
-        deadline: float | None = None
-        if head:
-            self._begin(ex)
-            deadline = loop.time() + settings.header_timeout
+        deadline = self._head_begun(ex) if head else None
         while True:
             try:
                 event = self.down.next_event()
@@ -269,28 +281,11 @@ class _Http1:
                 return event
             if event is not h11.NEED_DATA:
                 return None  # ConnectionClosed
-            try:
-                data = await self._recv(
-                    self.reader,
-                    loop.time() + settings.keepalive_timeout if deadline is None else deadline,
-                )
-            except TimeoutError as err:
-                if deadline is None:
-                    return None  # idle keep-alive connection: close quietly (RFC 9112 §9.5)
-                raise HttpRejected(
-                    408,
-                    "header_timeout",
-                    f"no complete request head within {settings.header_timeout} s",
-                ) from err
-            if not data:
-                if self.begun:
-                    raise _ClientGone
+            received = await self._head_bytes(ex, deadline)
+            if received is None:
                 return None
-            if deadline is None:
-                self._begin(ex)
-                deadline = loop.time() + settings.header_timeout
+            data, deadline = received
             head += data
-            self.conn.bytes_in += len(data)
             self.down.receive_data(data)
 
     def _begin(self, ex: Exchange) -> None:
@@ -371,7 +366,7 @@ class _Http1:
         """Send a fast-path request (its whole body is in ``buf``) and relay the answer; True
         when the connection may carry the next request."""
         end = request.size + request.length
-        raw = bytes(self.buf[:end])
+        raw = bytes(self.buf[:end])  # kept whole: an h11 hand-over replays it
         del self.buf[:end]
         ex.bytes_in += request.length
         data = h1fast.request_head(request.method, target, forwarded) + raw[request.size :]
@@ -451,7 +446,7 @@ class _Http1:
     async def _recv_up(self, reader: asyncio.StreamReader) -> bytes:
         """The next bytes of the upstream's answer; an error or an early end fails it."""
         try:
-            data = await self._recv_idle(reader)
+            data = await self._recv(reader, asyncio.get_running_loop().time() + self.s.idle)
         except (OSError, ssl.SSLError) as err:
             raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
         if not data:
