@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,41 +15,53 @@ from typing import Any
 
 from tls_proxy import Proxy, parse_config
 
-from ._pki import Authority, Svid, write_identity
+from ._pki import CLIENT, WEB, Authority, Svid, mint, new_authority, write_identity
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 @dataclass
-class Echo:
-    server: asyncio.base_events.Server
+class Serving:
     port: int
-    open_writers: set[asyncio.StreamWriter]
+    open_writers: set[asyncio.StreamWriter]  # the connections not closed yet
 
 
 @asynccontextmanager
-async def echo_app() -> AsyncIterator[Echo]:
-    """A plain TCP echo app on 127.0.0.1 (what sits behind the inbound proxy)."""
+async def serving(handle: Handler) -> AsyncIterator[Serving]:
+    """A test app: a TCP server on 127.0.0.1 running ``handle`` per connection, which it
+    closes when ``handle`` returns; on exit the server and every open connection close."""
     writers: set[asyncio.StreamWriter] = set()
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.add(writer)
         try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
+            await handle(reader, writer)
         finally:
             writers.discard(writer)
             writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(tracked, "127.0.0.1", 0)
     try:
-        yield Echo(server, server.sockets[0].getsockname()[1], writers)
+        yield Serving(server.sockets[0].getsockname()[1], writers)
     finally:
         server.close()
         for writer in list(writers):
             writer.close()
         await server.wait_closed()
+
+
+@asynccontextmanager
+async def echo_app() -> AsyncIterator[Serving]:
+    """A plain TCP echo app on 127.0.0.1 (what sits behind the inbound proxy)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+
+    async with serving(handle) as app:
+        yield app
 
 
 def proxy_config(
@@ -83,6 +96,32 @@ async def running(config: dict[str, Any], base: Path) -> AsyncIterator[Running]:
         yield Running(proxy, log)
     finally:
         await proxy.stop()
+
+
+@asynccontextmanager
+async def inbound_in_front_of(
+    tmp: Path, app_port: int, **sections: Any
+) -> AsyncIterator[tuple[Running, ssl.SSLContext]]:
+    """An inbound HTTP proxy (listener ``web``, identity ``WEB``) forwarding to the app on
+    ``app_port``, and a TLS context presenting ``CLIENT``'s SVID of the same CA, to talk to it
+    directly."""
+    ca = new_authority()
+    config = proxy_config(
+        tmp / "web",
+        mint(ca, WEB),
+        [ca],
+        inbound=[
+            {
+                "name": "web",
+                "listen": "127.0.0.1:0",
+                "forward": f"127.0.0.1:{app_port}",
+                "protocol": "http",
+            }
+        ],
+        **sections,
+    )
+    async with running(config, tmp / "web") as inbound:
+        yield inbound, client_context(mint(ca, CLIENT), ca, tmp)
 
 
 async def exchange(port: int, payload: bytes, *, timeout: float = 5.0) -> bytes:

@@ -12,6 +12,8 @@ from typing import Any
 
 import h11
 
+from ._harness import serving
+
 Headers = Sequence[tuple[str, str]]
 
 
@@ -43,11 +45,9 @@ async def http_echo_app() -> AsyncIterator[EchoApp]:
     """Answers every request with JSON: method, target, headers, body. ``x-chunks: N`` makes
     it answer chunked in N pieces; ``Upgrade`` gets a 101 and the raw bytes echoed after it."""
     app = EchoApp(port=0)
-    writers: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         app.connections += 1
-        writers.add(writer)
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -110,19 +110,10 @@ async def http_echo_app() -> AsyncIterator[EchoApp]:
                 conn.start_next_cycle()
         except (OSError, h11.ProtocolError):
             pass
-        finally:
-            writers.discard(writer)
-            writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    app.port = server.sockets[0].getsockname()[1]
-    try:
+    async with serving(handle) as server:
+        app.port = server.port
         yield app
-    finally:
-        server.close()
-        for writer in list(writers):
-            writer.close()
-        await server.wait_closed()
 
 
 @dataclass

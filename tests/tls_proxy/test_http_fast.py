@@ -14,9 +14,8 @@ from pathlib import Path
 
 import h11
 
-from ._harness import client_context, proxy_config, running
+from ._harness import inbound_in_front_of, serving
 from ._http import Client
-from ._pki import CLIENT, WEB, mint, new_authority
 from .test_http import header, mesh, run
 
 
@@ -139,12 +138,9 @@ async def scripted_app(script: list[tuple[bytes, bool]]) -> AsyncIterator[Script
                     break
         except (asyncio.IncompleteReadError, OSError):
             pass
-        finally:
-            writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    app.port = server.sockets[0].getsockname()[1]
-    async with server:
+    async with serving(handle) as server:
+        app.port = server.port
         yield app
 
 
@@ -153,29 +149,15 @@ async def inbound_to(
     tmp: Path, script: list[tuple[bytes, bool]]
 ) -> AsyncIterator[tuple[ScriptedApp, Client]]:
     """An inbound proxy in front of a scripted app, and a client connection to it over mTLS."""
-    ca = new_authority()
-    async with scripted_app(script) as app:
-        config = proxy_config(
-            tmp / "web",
-            mint(ca, WEB),
-            [ca],
-            inbound=[
-                {
-                    "name": "web",
-                    "listen": "127.0.0.1:0",
-                    "forward": f"127.0.0.1:{app.port}",
-                    "protocol": "http",
-                }
-            ],
-        )
-        async with running(config, tmp) as inbound:
-            client = await Client.open(
-                inbound.port("web"), client_context(mint(ca, CLIENT), ca, tmp)
-            )
-            try:
-                yield app, client
-            finally:
-                await client.close()
+    async with (
+        scripted_app(script) as app,
+        inbound_in_front_of(tmp, app.port) as (inbound, context),
+    ):
+        client = await Client.open(inbound.port("web"), context)
+        try:
+            yield app, client
+        finally:
+            await client.close()
 
 
 def test_an_upstream_answer_with_connection_close_ends_only_that_upstream_connection(

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from tls_proxy.pool import Pooled, UpstreamPool
 
-from ._harness import proxy_config, running
+from ._harness import inbound_in_front_of, serving
 from ._http import Client
-from ._pki import WEB, mint, new_authority
 from .test_http import mesh, run
 
 RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -36,11 +35,9 @@ async def app_answering(answers: int) -> AsyncIterator[CountingApp]:
     ``Connection: close``), then reads one more request and closes without answering it: an
     app whose idle timeout fires just as the proxy reuses the connection."""
     app = CountingApp(port=0)
-    writers: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         app.connections += 1
-        writers.add(writer)
         try:
             for _ in range(answers):
                 await reader.readuntil(b"\r\n\r\n")
@@ -50,19 +47,10 @@ async def app_answering(answers: int) -> AsyncIterator[CountingApp]:
             await reader.readuntil(b"\r\n\r\n")
         except (OSError, asyncio.IncompleteReadError):
             pass
-        finally:
-            writers.discard(writer)
-            writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    app.port = server.sockets[0].getsockname()[1]
-    try:
+    async with serving(handle) as server:
+        app.port = server.port
         yield app
-    finally:
-        server.close()
-        for writer in list(writers):
-            writer.close()
-        await server.wait_closed()
 
 
 def test_upstream_connections_are_reused_across_downstream_connections(tmp_path: Path) -> None:
@@ -103,37 +91,24 @@ def test_a_pooled_connection_the_app_closed_does_not_fail_the_next_request(
 ) -> None:
     """The app answers once per connection, then closes on the next request without an
     answer: the proxy sends that (idempotent) request again on a new connection."""
-    ca = new_authority()
 
     async def main() -> None:
-        async with app_answering(1) as app:
-            web = proxy_config(
-                tmp_path / "web",
-                mint(ca, WEB),
-                [ca],
-                inbound=[
-                    {
-                        "name": "web",
-                        "listen": "127.0.0.1:0",
-                        "forward": f"127.0.0.1:{app.port}",
-                        "protocol": "http",
-                    }
-                ],
-            )
-            async with mesh(tmp_path) as m, running(web, tmp_path / "web") as inbound:
-                context = m.tls()
-                for _ in range(3):
-                    client = await Client.open(inbound.port("web"), context)
-                    reply = await client.request("GET", "/")
-                    await client.close()
-                    assert (reply.status, reply.body) == (200, b"ok")
-                assert app.requests == 3
-                assert app.connections == 3  # each pooled one was closed under a request
-                # A POST is not sent twice: the app might have acted on it.
+        async with (
+            app_answering(1) as app,
+            inbound_in_front_of(tmp_path, app.port) as (inbound, context),
+        ):
+            for _ in range(3):
                 client = await Client.open(inbound.port("web"), context)
-                reply = await client.request("POST", "/", body=b"x")
+                reply = await client.request("GET", "/")
                 await client.close()
-                assert reply.status == 502
+                assert (reply.status, reply.body) == (200, b"ok")
+            assert app.requests == 3
+            assert app.connections == 3  # each pooled one was closed under a request
+            # A POST is not sent twice: the app might have acted on it.
+            client = await Client.open(inbound.port("web"), context)
+            reply = await client.request("POST", "/", body=b"x")
+            await client.close()
+            assert reply.status == 502
 
     run(main)
 

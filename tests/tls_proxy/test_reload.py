@@ -10,6 +10,7 @@ connection went.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ import yaml
 from tests.support.processes import free_port
 from tls_proxy import Proxy, load_config
 
-from ._harness import Running, proxy_config, running
+from ._harness import Running, proxy_config, running, serving
 from ._pki import CLIENT, WEB, Authority, mint, new_authority
 from .test_policy_server import DENY_CLIENT, until
 
@@ -32,29 +33,16 @@ TIMEOUT = 5.0
 @asynccontextmanager
 async def named_app(name: bytes) -> AsyncIterator[int]:
     """An app that greets each connection with ``name`` and then echoes."""
-    writers: set[asyncio.StreamWriter] = set()
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.add(writer)
         writer.write(name + b":")
-        try:
+        with contextlib.suppress(OSError):
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writers.discard(writer)
-            writer.close()
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield server.sockets[0].getsockname()[1]
-    finally:
-        server.close()
-        for writer in list(writers):
-            writer.close()
-        await server.wait_closed()
+    async with serving(handle) as app:
+        yield app.port
 
 
 class Line:
