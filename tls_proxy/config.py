@@ -20,7 +20,6 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
-from datetime import timedelta
 from enum import Enum
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args
@@ -427,9 +426,6 @@ class TimeoutsConfig:
     idle: float = field(default=DEFAULT_IDLE_TIMEOUT, metadata=_rule(_positive))
     connect: float = field(default=DEFAULT_CONNECT_TIMEOUT, metadata=_rule(_positive))
     drain: float = field(default=DEFAULT_DRAIN_GRACE, metadata=_rule(_bounded(_number, ge=0)))
-
-    def as_timedelta(self, name: str) -> timedelta:
-        return timedelta(seconds=float(getattr(self, name)))
 
 
 @dataclass(frozen=True, kw_only=True)

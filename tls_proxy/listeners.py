@@ -177,10 +177,6 @@ class _Listener:
         self.h2pool = H2Pool(*self._h2_limits(timeouts, http))
         self.update(config, chain, timeouts, http)
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._tasks)
-
     def update(
         self,
         config: InboundConfig | OutboundConfig,
