@@ -395,6 +395,7 @@ class _Selected:
     audit: tuple[_Compiled, ...]
     dry_run: tuple[_Compiled, ...]
     no_allow_matched: Verdict
+    empty: bool  # no policy selects the workload: the posture alone decides
 
     @classmethod
     def of(cls, compiled: Iterable[_Compiled]) -> _Selected:
@@ -409,6 +410,7 @@ class _Selected:
             no_allow_matched=Verdict(
                 False, None, None, f"no ALLOW policy matched: {len(allow)} considered"
             ),
+            empty=not chosen,
         )
 
 
@@ -559,6 +561,8 @@ class Engine:
         if self._fail_closed is not None:
             return self._fail_closed
         selected = self._by_destination.get(request.destination, self._everyone)
+        if selected.empty:  # nothing reads the request's attributes: no context to build
+            return self._posture(request.destination, request.source_principal)
         ctx = _Ctx(request)
         l4 = request.is_l4
         verdict: Verdict | None = None
@@ -571,7 +575,7 @@ class Engine:
                 break
         if verdict is None:
             if not selected.allow:
-                verdict = self._posture(request.destination, ctx)
+                verdict = self._posture(request.destination, ctx.principal)
             else:
                 verdict = selected.no_allow_matched
                 for policy in selected.allow:
@@ -601,22 +605,23 @@ class Engine:
             verdict.allowed, verdict.policy, verdict.rule, verdict.reason, dry_run, audit
         )
 
-    def _posture(self, destination: str, ctx: _Ctx) -> Verdict:
+    def _posture(self, destination: str, principal: str | None) -> Verdict:
         posture = self._postures.get(destination, self._default_posture)
         if posture is Posture.ALLOW:
             return _POSTURE_ALLOW
         if posture is Posture.DENY:
             return _POSTURE_DENY
-        if ctx.principal is None:
+        if principal is None:
             return _POSTURE_UNAUTHENTICATED
-        allowed = self._posture_allowed.get(ctx.trust_domain or "")
+        trust_domain = _syntax.trust_domain_of(principal)
+        allowed = self._posture_allowed.get(trust_domain or "")
         if allowed is not None:
             return allowed
         return Verdict(
             False,
             None,
             None,
-            f"{_NO_ALLOW_SELECTS} all-authenticated refuses trust domain {ctx.trust_domain} "
+            f"{_NO_ALLOW_SELECTS} all-authenticated refuses trust domain {trust_domain} "
             f"(trusted: {', '.join(sorted(self._trusted))})",
         )
 
