@@ -38,7 +38,6 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Literal
 
@@ -291,7 +290,7 @@ class _Http1:
     def _begin(self, ex: Exchange) -> None:
         if not self.begun:
             self.begun = True
-            ex.started, ex.started_at = time.monotonic(), datetime.now(UTC)
+            ex.started = time.monotonic()
 
     async def _handle(self, request: h1fast.Request | h11.Request, ex: Exchange) -> bool:
         if isinstance(request, h1fast.Request):

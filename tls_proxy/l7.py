@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from authz import Verdict
@@ -76,9 +76,11 @@ class LocalResponse:
     reason: str = ""  # why, for the log and the exchange record
 
 
-@dataclass
 class Exchange:
-    """One request/response as the access log and metrics see it, filled in as it goes."""
+    """One request/response as the access log and metrics see it, filled in as it goes.
+
+    A plain class whose defaults live on the class: one is made per request, and only what
+    a request sets is stored on it."""
 
     method: str | None = None
     path: str | None = None
@@ -90,8 +92,14 @@ class Exchange:
     detail: str | None = None
     bytes_in: int = 0  # request body bytes
     bytes_out: int = 0  # response body bytes
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    started: float = field(default_factory=time.monotonic)
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()  # the codec moves it to the first byte (HTTP/1.1)
+
+    @property
+    def started_at(self) -> datetime:
+        """The wall-clock time of ``started``, worked out when asked (the access log)."""
+        return datetime.now(UTC) - timedelta(seconds=time.monotonic() - self.started)
 
     def duration(self) -> float:
         return time.monotonic() - self.started
