@@ -33,14 +33,17 @@ class Pooled:
 
 
 def idle_and_intact(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
-    """Nothing arrived while idle: no byte, no EOF, no error, and the transport is open."""
+    """Nothing arrived while idle: no byte, no EOF, no error, and the transport is open.
+
+    Checked twice per request (check-in and check-out), so it reads the reader's fields
+    rather than calling ``at_eof()`` and ``exception()``. StreamReader has no public peek; a
+    byte in its buffer is an answer to no request (a 408 before closing, say) and would be
+    read as the next request's response."""
     return not (
         writer.transport.is_closing()
-        or reader.at_eof()
-        or reader.exception() is not None
-        # StreamReader has no public peek; a byte here is an answer to no request (a 408
-        # before closing, say) and would be read as the next request's response.
-        or len(reader._buffer)  # type: ignore[attr-defined]
+        or reader._eof  # type: ignore[attr-defined]
+        or reader._exception is not None  # type: ignore[attr-defined]
+        or reader._buffer  # type: ignore[attr-defined]
     )
 
 

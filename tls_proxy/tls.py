@@ -132,8 +132,9 @@ class TlsContexts:
         source.subscribe(self._on_change)
 
     def current(self) -> TlsState:
-        with self._lock:
-            return self._state
+        # Read on every handshake and pooled checkout: reading one reference is atomic, and
+        # the state is swapped whole (the lock orders the writers).
+        return self._state
 
     def _build(self, snapshot: IdentitySnapshot) -> TlsState:
         state = build_contexts(snapshot)
