@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
+from . import streams
 from .codecs import CODECS
 from .config import (
     SUPPORTED_PROTOCOLS,
@@ -215,7 +216,7 @@ class _Listener:
 
     async def start(self) -> None:
         host, port = split(self.listen)
-        self._server = await asyncio.start_server(
+        self._server = await streams.start_server(
             self._accept, host, port, reuse_port=self.reuse_port or None, backlog=LISTEN_BACKLOG
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
@@ -492,7 +493,7 @@ class InboundListener(_Listener):
         conn.upstream = forward
         try:
             opened = await asyncio.wait_for(
-                asyncio.open_connection(host, port), self._timeouts.connect
+                streams.open_connection(host, port), self._timeouts.connect
             )
         except (OSError, TimeoutError) as err:
             conn.error = "forward_unreachable"
@@ -538,7 +539,7 @@ class InboundListener(_Listener):
         state = self._tls.current()
         conn.local_id = state.snapshot.spiffe_id
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = asyncio.StreamReader(loop=loop)
+        reader = streams.Reader(loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         try:
             transport, _ = await loop.connect_accepted_socket(
@@ -697,7 +698,7 @@ class OutboundListener(_Listener):
                     (
                         self._own.open_connection
                         if self._own is not None
-                        else asyncio.open_connection
+                        else streams.open_connection
                     )(
                         host,
                         port,

@@ -50,6 +50,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import streams
 from .errors import ConfigError, NoOriginalDestination, ProxyError
 
 CHAIN_PREFIX = "MESHID_"  # every nat chain named so is meshid's: apply and clean remove them
@@ -486,7 +487,7 @@ class OwnConnections:
             try:
                 await asyncio.get_running_loop().sock_connect(sock, (host, port))
                 hostname = host if kwargs.get("ssl") else None
-                return await asyncio.open_connection(sock=sock, server_hostname=hostname, **kwargs)
+                return await streams.open_connection(sock=sock, server_hostname=hostname, **kwargs)
             finally:
                 self._ports.discard(own)
         except BaseException:
