@@ -40,7 +40,8 @@ import h2.settings
 from h2.errors import ErrorCodes
 
 from .h2conn import server_connection
-from .h2pool import SharedH2, UpstreamBusy, after_goaway
+from .h2pool import UpstreamBusy, after_goaway
+from .h2shared import SharedH2
 from .l7 import (
     XFCC_HEADER,
     Exchange,

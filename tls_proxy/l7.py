@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
     from .config import HttpConfig
     from .filters.base import Connection, FilterChain
-    from .h2pool import SharedH2
+    from .h2shared import SharedH2
 
 Header = tuple[bytes, bytes]
 

@@ -41,7 +41,7 @@ import ssl
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import streams
 from .codecs import CODECS
@@ -56,7 +56,7 @@ from .config import split_address as split
 from .detect import Detected, sniff
 from .errors import ConfigError, NoOriginalDestination, PeerRejected, RejectReason
 from .filters.base import Connection, FilterChain
-from .h2pool import H2Pool, Opened, SharedH2
+from .h2pool import H2Pool, Opened
 from .l7 import HttpSession, Upstream, UpstreamProtocol, xfcc_value
 from .pool import Pooled, UpstreamPool
 from .relay import CHUNK as CHUNK_DETECT
@@ -66,6 +66,9 @@ from .relay import splice
 from .spiffe_verify import verify_peer
 from .tls import ALPN_H2, ALPN_HTTP1, TlsContexts, TlsState, classify_ssl_error, peer_chain_der
 from .transparent import OwnConnections, destination
+
+if TYPE_CHECKING:
+    from .h2shared import SharedH2
 
 log = logging.getLogger(__name__)
 

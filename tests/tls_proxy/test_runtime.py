@@ -109,9 +109,10 @@ def _python(code: str) -> str:
 # Top-level packages `meshid proxy run` must not load (docs/proxy.md, "Memory"): the CLI
 # (typer, click, rich), pydantic (the CLI's and the server's configs), py-spiffe's Workload API
 # client (grpc, google.protobuf) and X509Svid's parsers (pyasn1, pem), the admin client (httpx),
-# and PyJWT without a `jwt` block.
+# PyJWT without a `jwt` block, and h2 (with hpack and hyperframe) until an HTTP/2 connection.
 NOT_IN_THE_SIDECAR = (
-    "click", "google", "grpc", "httpx", "jwt", "pem", "pyasn1", "pydantic", "rich", "typer"
+    "click", "google", "grpc", "h2", "hpack", "httpx", "hyperframe", "jwt", "pem", "pyasn1",
+    "pydantic", "rich", "typer",
 )  # fmt: skip
 _SIDECAR = """
 import atexit, json, sys
