@@ -154,7 +154,7 @@ def proxy_iptables(
             for family in options.families:
                 typer.echo(transparent.restore_script(options, family=family), nl=False)
             return
-        transparent.apply(options)
+        applied = transparent.apply(options)
     except ProxyError as err:
         _fail(str(err))
     names = " and ".join(f.name for f in options.families)
@@ -163,3 +163,5 @@ def proxy_iptables(
         f"{options.inbound_port}, outbound TCP -> port {options.outbound_port}, uid "
         f"{options.uid} not redirected."
     )
+    for family in applied.removed:
+        typer.echo(f"Removed the {family.name} rules an earlier run left (--ipv4-only).")

@@ -560,17 +560,34 @@ def read_nat_state(family: Family = IPV4) -> NatState:
         raise
 
 
-def apply(options: TransparentOptions) -> list[str]:
+@dataclass(frozen=True)
+class Applied:
+    """What ``apply`` did: the restore input it loaded per family, and the families whose
+    rules from an earlier run it removed because ``options`` no longer covers them."""
+
+    scripts: list[str]
+    removed: list[Family]
+
+
+def apply(options: TransparentOptions) -> Applied:
     """Install the rules of ``options`` in one ``iptables-restore --noflush`` transaction per
-    family, replacing what an earlier run installed; returns the input that was applied.
+    family, replacing what an earlier run installed.
 
     Every family's table is read before any is written, so a host without usable ip6tables
     fails with nothing changed. A family whose restore fails after an earlier one succeeded
-    leaves that one in place; the error says so (re-running is idempotent).
+    leaves that one in place; the error says so (re-running is idempotent). With
+    ``--ipv4-only``, IPv6 rules an earlier run installed are removed too, where ip6tables can
+    be used: left behind, they would keep redirecting IPv6 to ports this configuration may no
+    longer serve.
     """
     plan = [
         (family, restore_script(options, read_nat_state(family), family))
         for family in options.families
+    ]
+    stale = [
+        (family, script)
+        for family in FAMILIES
+        if family not in options.families and (script := _leftovers(family)) is not None
     ]
     done: list[Family] = []
     for family, script in plan:
@@ -585,7 +602,25 @@ def apply(options: TransparentOptions) -> list[str]:
                 "redirected: fix it and apply again, or remove them with --clean --apply"
             ) from err
         done.append(family)
-    return [script for _, script in plan]
+    for family, script in stale:
+        try:
+            _run([family.restore, "--noflush"], script)
+        except ProxyError as err:
+            raise ProxyError(
+                f"{err}; the new rules are in place, but {family.name} rules of an earlier run "
+                f"are left: remove them with {family.restore} or --clean --apply"
+            ) from err
+    return Applied([script for _, script in plan + stale], [family for family, _ in stale])
+
+
+def _leftovers(family: Family) -> str | None:
+    """``clean_script`` for what an earlier run left in ``family``'s table; None when there is
+    nothing, or the table cannot be read (no ip6tables: nothing of ours can be there)."""
+    try:
+        state = NatState.parse(_run([family.save, "-t", "nat"]))
+    except ProxyError:
+        return None
+    return clean_script(state, family)
 
 
 def clean(families: Sequence[Family] = FAMILIES) -> list[Family]:

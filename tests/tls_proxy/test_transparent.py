@@ -942,3 +942,34 @@ def test_apply_without_ip6tables_fails_closed_unless_ipv4_only(tmp_path: Path) -
         cleaned = _meshid_in(ns, env, "proxy", "iptables", "--clean", "--apply", "--ipv4-only")
         assert cleaned.returncode == 0, cleaned.stderr
         assert "MESHID" not in _nat(ns)
+
+
+@pytest.mark.slow
+def test_ipv4_only_apply_removes_the_ipv6_rules_an_earlier_run_left() -> None:
+    """Applied for both families, then again with ``--ipv4-only``: the IPv6 rules of the first
+    run are gone (they would still redirect IPv6 to ports this configuration may not serve),
+    the IPv4 ones are there once, and the command says what it removed."""
+    missing = _missing()
+    if missing:
+        pytest.skip(f"needs root, IPv6, ip and Debian's iptables; missing: {missing}")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    }
+    rules = ["--uid", "1337", "--inbound-port", "15006", "--outbound-port", "15001", "--apply"]
+    with _namespaces() as (ns, _):
+        both = _meshid_in(ns, env, "proxy", "iptables", *rules)
+        assert both.returncode == 0, both.stderr
+        assert "-j MESHID_OUTPUT" in _nat(ns, "ip6tables-save")
+        assert "Removed" not in both.stdout
+        only = _meshid_in(ns, env, "proxy", "iptables", *rules, "--ipv4-only")
+        assert only.returncode == 0, only.stderr
+        assert "Removed the IPv6 rules an earlier run left (--ipv4-only)." in only.stdout
+        assert "MESHID" not in _nat(ns, "ip6tables-save")
+        assert _nat(ns).count("-A OUTPUT -p tcp -j MESHID_OUTPUT") == 1
+        again = _meshid_in(ns, env, "proxy", "iptables", *rules, "--ipv4-only")
+        assert again.returncode == 0, again.stderr
+        assert "Removed" not in again.stdout  # nothing left to remove the second time
+        cleaned = _meshid_in(ns, env, "proxy", "iptables", "--clean", "--apply")
+        assert cleaned.returncode == 0, cleaned.stderr
+        assert "MESHID" not in _nat(ns) + _nat(ns, "ip6tables-save")
