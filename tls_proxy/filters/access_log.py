@@ -102,6 +102,8 @@ class AccessLogFilter:
         if conn.requests == 0:
             self._write(access_record(conn))
 
+    passes_requests = True  # on_request below lets everything through: the chain skips it
+
     async def on_request(self, conn: Connection, request: object, exchange: Exchange) -> None:
         return None
 

@@ -98,6 +98,12 @@ class RequestFilter(Protocol):
     def on_request_end(self, conn: Connection, exchange: Exchange) -> None: ...
 
 
+def passes_every_request(item: RequestFilter) -> bool:
+    """Whether ``item`` only observes (its class sets ``passes_requests = True``: its
+    ``on_request`` returns None whatever comes), so the chain need not call ``on_request``."""
+    return bool(getattr(item, "passes_requests", False))
+
+
 class FilterChain:
     """Connection filters in order: the first ``Deny`` wins; ``on_close`` reaches every one.
     Request filters likewise: the first ``LocalResponse`` wins; ``on_request_end`` reaches all."""
@@ -109,11 +115,13 @@ class FilterChain:
     ) -> None:
         self.filters = tuple(filters)
         self.request_filters = tuple(request_filters)
+        # on_request is awaited once per filter per request: observers are left out
+        self._deciding = tuple(f for f in self.request_filters if not passes_every_request(f))
 
     async def on_request(
         self, conn: Connection, request: RequestHead, exchange: Exchange
     ) -> LocalResponse | None:
-        for item in self.request_filters:
+        for item in self._deciding:
             response = await item.on_request(conn, request, exchange)
             if response is not None:
                 return response

@@ -34,6 +34,8 @@ class MetricsFilter:
         if conn.result == "rejected" and conn.error is not None:
             m.tls_failures.inc(reason=conn.error, **labels)
 
+    passes_requests = True  # on_request below lets everything through: the chain skips it
+
     async def on_request(self, conn: Connection, request: object, exchange: Exchange) -> None:
         return None
 
