@@ -63,7 +63,7 @@ from .l7 import (
     wants_upgrade,
 )
 from .path import PathError, normalize_path
-from .relay import CHUNK, Deadline, close_stream, drain, splice
+from .relay import CHUNK, Deadline, close_stream, drain, must_drain, splice
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,9 @@ class _Http1:
         try:
             while await self._one():
                 if self.down is None:
-                    await self._next_fast_up()
+                    # After a fast exchange: pool the upstream connection, keep it, or drop it.
+                    if self.upstream is not None and not self._checkin() and not self.up_clean:
+                        await self._drop_upstream()
                 else:
                     self._next_cycle_down()
                     await self._next_cycle_up()
@@ -143,7 +145,15 @@ class _Http1:
         self.begun = False
         self.answered = False
         try:
-            request = await self._read_any_head(ex)
+            if self.down is None:
+                fast = await self._read_head_fast(ex)
+                if fast is None:
+                    return False
+                if fast is not DECLINED:
+                    return await self._handle_fast(fast, ex)
+                self.down = self._h11_server(bytes(self.buf))
+                self.buf.clear()
+            request = await self._read_head(ex)
             if request is None:
                 return False
             return await self._handle(request, ex)
@@ -171,16 +181,6 @@ class _Http1:
             if self.begun:
                 self.conn.requests += 1
                 self.s.chain.on_request_end(self.conn, ex)
-
-    async def _read_any_head(self, ex: Exchange) -> h1fast.Request | h11.Request | None:
-        """The next request head, by the fast path when it takes it, else by h11."""
-        if self.down is None:
-            request = await self._read_head_fast(ex)
-            if request is not DECLINED:
-                return request
-            self.down = self._h11_server(bytes(self.buf))
-            self.buf.clear()
-        return await self._read_head(ex)
 
     async def _read_head_fast(self, ex: Exchange) -> h1fast.Request | h1fast.Declined | None:
         """The next request head with its whole body in ``buf``; None when the peer closed
@@ -292,9 +292,7 @@ class _Http1:
             self.begun = True
             ex.started = time.monotonic()
 
-    async def _handle(self, request: h1fast.Request | h11.Request, ex: Exchange) -> bool:
-        if isinstance(request, h1fast.Request):
-            return await self._handle_fast(request, ex)
+    async def _handle(self, request: h11.Request, ex: Exchange) -> bool:
         settings = self.s.settings
         method = request.method.decode("ascii")
         raw_target = request.target.decode("latin-1")
@@ -370,7 +368,8 @@ class _Http1:
         ex.bytes_in += request.length
         data = h1fast.request_head(request.method, target, forwarded) + raw[request.size :]
         try:
-            await self._send_fast(data)
+            if self._start_fast(data):
+                await self._drain_up()
             return await self._response_fast(request, target, forwarded, raw, ex)
         except _UpstreamFailed as err:
             if not (
@@ -385,14 +384,16 @@ class _Http1:
             await self._drop_upstream()
             if await self._upstream(pooled=False) is None:
                 raise _UpstreamFailed(self.conn.detail or "upstream unreachable") from err
-            await self._send_fast(data)
+            if self._start_fast(data):
+                await self._drain_up()
             return await self._response_fast(request, target, forwarded, raw, ex)
 
-    async def _send_fast(self, data: bytes) -> None:
+    def _start_fast(self, data: bytes) -> bool:
+        """Send a fast-path request upstream; True when a drain must follow."""
         self.up_received = 0
         self.up_clean = False
         self.upbuf.clear()
-        await self._write_up(data)
+        return self._put_up(data)
 
     async def _response_fast(
         self,
@@ -430,7 +431,8 @@ class _Http1:
         remaining = response.length - len(body)
         self.answered = True
         out = h1fast.response_head(response.status_line, headers) + body
-        await self._write_down(out)
+        if self._put_down(out):
+            await drain(self.writer, self.s.idle)
         while remaining:
             data = await self._recv_up(reader)
             if len(data) > remaining:  # bytes after the body: the upstream broke framing
@@ -443,10 +445,19 @@ class _Http1:
         return not request.close
 
     async def _recv_up(self, reader: asyncio.StreamReader) -> bytes:
-        """The next bytes of the upstream's answer; an error or an early end fails it."""
+        """The next bytes of the upstream's answer; an error, the idle timeout or an early
+        end fails it. (``_recv`` written out: this read is on every request.)"""
+        self.deadline.arm(asyncio.get_running_loop().time() + self.s.idle)
         try:
-            data = await self._recv(reader, asyncio.get_running_loop().time() + self.s.idle)
-        except (OSError, ssl.SSLError) as err:
+            try:
+                data = await reader.read(CHUNK)
+            except asyncio.CancelledError:
+                if self.deadline.expired():
+                    raise TimeoutError from None
+                raise
+            finally:
+                self.deadline.disarm()
+        except (OSError, ssl.SSLError) as err:  # TimeoutError included
             raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
         if not data:
             raise _UpstreamFailed("the upstream closed before the response ended")
@@ -498,13 +509,6 @@ class _Http1:
         self.answered = True
         await self._write_down(h1fast.response_head(status, headers) + answer.body)
         return not request.close
-
-    async def _next_fast_up(self) -> None:
-        """After a fast exchange: pool the upstream connection, keep it, or drop it."""
-        if self.upstream is None or self._checkin():
-            return
-        if not self.up_clean:
-            await self._drop_upstream()
 
     async def _leave_h11(self) -> None:
         """Back to fast mode once h11 has served its exchange and both machines are idle."""
@@ -812,21 +816,42 @@ class _Http1:
         assert self.up is not None
         await self._write_up(self.up.send(event) or b"")
 
-    async def _write_down(self, data: bytes | bytearray) -> None:
-        """Write toward the client and wait for room (the fast path's one write)."""
+    # The fast path writes with ``_put_down``/``_put_up`` and awaits a drain only when one is
+    # due: a coroutine call less per write, as the buffer is nearly always small.
+
+    def _put_down(self, data: bytes | bytearray) -> bool:
+        """Write toward the client; True when a drain must follow."""
         self.writer.write(data)
         self.conn.bytes_out += len(data)
-        await drain(self.writer, self.s.idle)
+        return must_drain(self.writer)
+
+    async def _write_down(self, data: bytes | bytearray) -> None:
+        """Write toward the client and wait for room."""
+        if self._put_down(data):
+            await drain(self.writer, self.s.idle)
+
+    def _put_up(self, data: bytes) -> bool:
+        """Write toward the upstream; True when a drain must follow."""
+        assert self.upstream is not None
+        if not data:
+            return False
+        writer = self.upstream[1]
+        try:
+            writer.write(data)
+        except (OSError, ssl.SSLError) as err:
+            raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+        return must_drain(writer)
+
+    async def _drain_up(self) -> None:
+        assert self.upstream is not None
+        try:
+            await drain(self.upstream[1], self.s.idle)
+        except (OSError, ssl.SSLError) as err:
+            raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
 
     async def _write_up(self, data: bytes) -> None:
-        assert self.upstream is not None
-        if data:
-            writer = self.upstream[1]
-            try:
-                writer.write(data)
-                await drain(writer, self.s.idle)
-            except (OSError, ssl.SSLError) as err:
-                raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
+        if self._put_up(data):
+            await self._drain_up()
 
     async def _recv(self, reader: asyncio.StreamReader, at: float) -> bytes:
         """``reader.read`` by this connection's task, bounded by the loop time ``at``."""

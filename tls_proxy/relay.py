@@ -29,16 +29,21 @@ def set_nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def must_drain(writer: asyncio.StreamWriter) -> bool:
+    """Whether ``drain`` would wait (or find the transport closing): callers on the request
+    path ask first, and skip the coroutine when the buffer is small, as it nearly always is."""
+    transport = writer.transport
+    return transport.is_closing() or transport.get_write_buffer_size() >= DRAIN_BELOW
+
+
 async def drain(writer: asyncio.StreamWriter, timeout: float) -> None:
     """Wait for ``writer``'s buffer to empty below the transport's high-water mark.
 
     Skips the wait (and ``wait_for``'s task and timer) when the buffer is already small, which
     is nearly always on the request path; a slow peer still gets the full backpressure.
     """
-    transport = writer.transport
-    if not transport.is_closing() and transport.get_write_buffer_size() < DRAIN_BELOW:
-        return
-    await asyncio.wait_for(writer.drain(), timeout)
+    if must_drain(writer):
+        await asyncio.wait_for(writer.drain(), timeout)
 
 
 class Deadline:
