@@ -102,9 +102,15 @@ class Counter(_Metric):
         self._values: dict[LabelValues, float] = {}
 
     def inc(self, amount: float = 1.0, /, **labels: str) -> None:
-        key = self._key(labels)
+        self.inc_values(self._key(labels), amount)
+
+    def inc_values(self, values: LabelValues, amount: float = 1.0) -> None:
+        """``inc`` with the label values as a tuple in ``labelnames`` order: the per-request
+        counters take this way, without a keyword dict per call."""
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: expected values for {self.labelnames}, got {values}")
         with self._lock:
-            self._values[key] = self._values.get(key, 0.0) + amount
+            self._values[values] = self._values.get(values, 0.0) + amount
 
     def value(self, **labels: str) -> float:
         with self._lock:

@@ -54,6 +54,19 @@ def test_counters_and_histograms_add_up_and_gauges_combine_by_their_aggregate() 
     assert text.index("# TYPE conns_total counter") < text.index("# TYPE duration_seconds")
 
 
+def test_counting_by_value_tuple_is_counting_by_keywords() -> None:
+    registry = Registry()
+    total = registry.counter("requests_total", "Requests.", ("listener", "status"))
+    total.inc(listener="web", status="200")
+    total.inc_values(("web", "200"), 2)
+    total.inc_values(("web", "503"))
+    assert total.value(listener="web", status="200") == 3
+    assert total.value(listener="web", status="503") == 1
+    with pytest.raises(ValueError, match=r"requests_total: expected values for \('listener', "):
+        total.inc_values(("web",))
+    assert _sample(registry.render(), 'requests_total{listener="web",status="200"}') == "3"
+
+
 def test_series_only_some_workers_have_are_kept() -> None:
     one, two = Registry(), Registry()
     one.counter("reqs_total", "Requests.", ("status",)).inc(status="200")

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from authz import Verdict
 
@@ -115,10 +115,14 @@ class FilterChain:
     ) -> None:
         self.filters = tuple(filters)
         self.request_filters = tuple(request_filters)
-        # on_request is awaited once per filter per request: observers are left out
+        # on_request is awaited once per filter per request: observers are left out, and a
+        # single deciding filter is called directly (one coroutine per request, not two)
         self._deciding = tuple(f for f in self.request_filters if not passes_every_request(f))
+        self.on_request: Callable[
+            [Connection, RequestHead, Exchange], Coroutine[Any, Any, LocalResponse | None]
+        ] = self._deciding[0].on_request if len(self._deciding) == 1 else self._each
 
-    async def on_request(
+    async def _each(
         self, conn: Connection, request: RequestHead, exchange: Exchange
     ) -> LocalResponse | None:
         for item in self._deciding:

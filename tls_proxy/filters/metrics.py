@@ -40,8 +40,7 @@ class MetricsFilter:
         return None
 
     def on_request_end(self, conn: Connection, exchange: Exchange) -> None:
-        labels = {"listener": conn.listener, "direction": conn.direction}
         status = "none" if exchange.status is None else str(exchange.status)
-        self._m.http_requests.inc(result=exchange.result, status=status, **labels)
+        self._m.http_requests.inc_values((conn.listener, conn.direction, exchange.result, status))
         if exchange.result == "rejected" and exchange.error is not None:
-            self._m.http_rejected.inc(reason=exchange.error, **labels)
+            self._m.http_rejected.inc_values((conn.listener, conn.direction, exchange.error))
