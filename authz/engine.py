@@ -557,6 +557,23 @@ class Engine:
                 False, None, None, f"internal error, denied: {type(err).__name__}: {err}"
             )
 
+    def posture_only(self, destination: str, principal: str | None) -> Verdict | None:
+        """The verdict for any request to ``destination`` from ``principal`` when no policy
+        selects that workload, so that the posture alone decides and nothing else of the
+        request is read; None when a policy selects it (``evaluate`` then needs the request).
+        A proxy asks this first, before it builds a ``Request``. Never raises, as
+        ``evaluate``."""
+        try:
+            if self._fail_closed is not None:
+                return self._fail_closed
+            if not self._by_destination.get(destination, self._everyone).empty:
+                return None
+            return self._posture(destination, principal)
+        except Exception as err:  # fail closed, as evaluate
+            return Verdict(
+                False, None, None, f"internal error, denied: {type(err).__name__}: {err}"
+            )
+
     def _evaluate(self, request: Request) -> Verdict:
         if self._fail_closed is not None:
             return self._fail_closed

@@ -907,6 +907,28 @@ def test_default_posture(
     assert reason in verdict.reason
 
 
+@pytest.mark.parametrize(("default", "overrides", "request_", "allowed", "reason"), POSTURES)
+def test_posture_only_is_evaluate_where_no_policy_selects_the_workload(
+    default: Posture,
+    overrides: dict[str, Posture],
+    request_: Request,
+    allowed: bool,
+    reason: str,
+) -> None:
+    compiled = engine([], default_posture=default, postures=overrides)
+    quick = compiled.posture_only(request_.destination, request_.source_principal)
+    assert quick == compiled.evaluate(request_)
+    assert quick is not None and quick.allowed is allowed
+
+
+def test_posture_only_defers_to_evaluate_where_a_policy_selects_the_workload() -> None:
+    compiled = engine([DENY_ADMIN], default_posture=Posture.ALLOW)
+    assert compiled.posture_only(WEB, http().source_principal) is None
+    failed = Engine.deny_all("bundle unreadable")
+    assert failed.posture_only(WEB, None) == failed.evaluate(http())
+    assert failed.posture_only(WEB, None) is not None
+
+
 def test_shipped_default_posture_is_all_authenticated() -> None:
     compiled = Engine.compile([], trust_domain="example.org")
     assert compiled.evaluate(http()).allowed

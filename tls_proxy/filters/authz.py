@@ -316,7 +316,8 @@ class AuthzFilter:
                     )
                     exchange.error, exchange.detail = "jwt_invalid", str(err)
                     return jwt_failed_response(str(err))
-        verdict = self._store.engine.evaluate(
+        engine = self._store.engine  # no policy for this workload: no Request to build
+        verdict = engine.posture_only(conn.local_id, conn.peer_id) or engine.evaluate(
             Request(
                 destination=conn.local_id,
                 source_principal=conn.peer_id,
@@ -332,11 +333,13 @@ class AuthzFilter:
         )
         exchange.verdict = verdict
         if self._metrics is not None:
-            self._metrics.http_authz.inc(
-                listener=conn.listener,
-                decision=verdict.decision,
-                policy=verdict.policy or "none",
-                rule="none" if verdict.rule is None else str(verdict.rule),
+            self._metrics.http_authz.inc_values(
+                (
+                    conn.listener,
+                    verdict.decision,
+                    verdict.policy or "none",
+                    "none" if verdict.rule is None else str(verdict.rule),
+                )
             )
         if verdict.allowed and not (verdict.dry_run or verdict.audit):
             return None
