@@ -141,7 +141,8 @@ async def splice(
             else:
                 conn.bytes_out += len(data)
             dst.write(data)
-            await dst.drain()  # backpressure: never buffer more than the peer takes
+            if must_drain(dst):  # backpressure: never buffer more than the peer takes
+                await dst.drain()
 
     async def watchdog() -> None:
         while True:
