@@ -75,6 +75,15 @@ FAST_BODY_MAX = 64 * 1024
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 
+def reason_phrase(status: int) -> bytes:
+    """The reason phrase of the proxy's own answers, the same on both paths (empty for a
+    status without a registered one)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
 class _ClientGone(Exception):
     """The downstream peer closed in the middle of a request."""
 
@@ -505,7 +514,7 @@ class _Http1:
         ]
         if request.close:
             headers.append((b"connection", b"close"))
-        status = f"HTTP/1.1 {answer.status} {HTTPStatus(answer.status).phrase}".encode()
+        status = b"HTTP/1.1 %d %s" % (answer.status, reason_phrase(answer.status))
         self.answered = True
         await self._write_down(h1fast.response_head(status, headers) + answer.body)
         return not request.close
@@ -751,7 +760,13 @@ class _Http1:
         if close:
             headers.append((b"connection", b"close"))
         out = [
-            self._render_down(h11.Response(status_code=answer.status, headers=headers)),
+            self._render_down(
+                h11.Response(
+                    status_code=answer.status,
+                    headers=headers,
+                    reason=reason_phrase(answer.status),
+                )
+            ),
             self._render_down(h11.Data(data=answer.body)),
             self._render_down(h11.EndOfMessage()),
         ]
@@ -774,13 +789,14 @@ class _Http1:
                 return None
         elif self.down.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return None
-        body = HTTPStatus(status).phrase.encode()
+        body = reason_phrase(status)
         fresh = h11.Connection(h11.SERVER)  # ours may be in ERROR: render with a clean one
         out = b"".join(
             fresh.send(event) or b""
             for event in (
                 h11.Response(
                     status_code=status,
+                    reason=body,
                     headers=[
                         (b"content-type", b"text/plain"),
                         (b"content-length", str(len(body)).encode()),

@@ -260,7 +260,7 @@ def test_smuggling_shapes_get_400_and_a_close(tmp_path: Path) -> None:
             context = m.tls()
             for name, (payload, reason) in SMUGGLING.items():
                 answer = await raw_exchange(m.in_port, payload, context)
-                assert answer.startswith(b"HTTP/1.1 400 "), (name, answer)
+                assert answer.startswith(b"HTTP/1.1 400 Bad Request\r\n"), (name, answer)
                 assert b"connection: close" in answer.lower(), name
                 rejected = m.inbound.proxy.metrics.http_rejected
                 assert rejected.value(listener="web", direction="inbound", reason=reason) >= 1, name
@@ -377,9 +377,32 @@ def test_denied_expect_100_continue_gets_403_without_reading_the_body_and_closes
                 b"POST /admin HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\n"
                 b"Content-Length: 5\r\n\r\n",
             )
-            assert answer.startswith(b"HTTP/1.1 403 ")
+            assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")  # as the fast path says
             assert b"connection: close" in answer.lower()
             assert answer.endswith(b"RBAC: access denied")
+            assert m.app.seen == []
+
+    run(main)
+
+
+def test_both_paths_answer_a_deny_with_the_same_status_line(tmp_path: Path) -> None:
+    """A plain GET is denied by the fast path, a chunked POST by the h11 path (inbound)."""
+
+    async def main() -> None:
+        async with mesh(tmp_path, policy=NO_ADMIN) as m:
+            context = m.tls()
+            fast = await raw_exchange(
+                m.in_port, b"GET /admin HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", context
+            )
+            chunked = await raw_exchange(
+                m.in_port,
+                b"POST /admin HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n"
+                b"Connection: close\r\n\r\n0\r\n\r\n",
+                context,
+            )
+            for answer in (fast, chunked):
+                assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n"), answer
+                assert answer.endswith(b"RBAC: access denied")
             assert m.app.seen == []
 
     run(main)
