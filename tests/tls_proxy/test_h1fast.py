@@ -33,6 +33,26 @@ def test_a_plain_get_is_served_with_its_fields_as_they_came() -> None:
     assert raw[request.size :] == b"GET /next"
 
 
+def test_field_lines_seen_before_read_the_same_and_the_memory_is_bounded() -> None:
+    """``_SEEN`` remembers parsed field lines: a head parsed again reads exactly the same,
+    a line that is not a field is never remembered, and the memory never passes its bound."""
+    h1fast._SEEN.clear()
+    raw = b"GET / HTTP/1.1\r\nHost: web\r\nX-Trace:  t1 \r\nConnection: keep-alive\r\n\r\n"
+    first = parse(raw)
+    assert b"X-Trace:  t1 " in h1fast._SEEN
+    again = parse(raw)
+    assert isinstance(first, h1fast.Request) and isinstance(again, h1fast.Request)
+    assert (again.forward, again.host, again.headers) == (first.forward, first.host, first.headers)
+    assert again.forward == [(b"Host", b"web"), (b"X-Trace", b"t1")]
+    assert parse(b"GET / HTTP/1.1\r\nHost: web\r\nX-Bad: a\x01b\r\n\r\n") is DECLINED
+    assert b"X-Bad: a\x01b" not in h1fast._SEEN
+    for n in range(h1fast._SEEN_MAX + 10):
+        assert isinstance(
+            parse(b"GET / HTTP/1.1\r\nHost: web\r\nX-N: %d\r\n\r\n" % n), h1fast.Request
+        )
+        assert len(h1fast._SEEN) <= h1fast._SEEN_MAX
+
+
 def test_a_post_with_content_length_and_connection_close() -> None:
     request = parse(
         b"POST /f HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nConnection: Keep-Alive, Close\r\n\r\n"
