@@ -74,6 +74,7 @@ class Request:
     target: bytes
     lines: list[bytes]  # the head's lines, request line first
     forward: list[Header]  # without hop-by-hop fields, the Connection-named and ``strip`` ones
+    kept: list[bytes]  # the lines of ``forward`` as received, which ``request_head`` renders
     host: bytes
     length: int  # Content-Length, 0 without one
     close: bool  # ``Connection: close``: the last request of the connection
@@ -92,6 +93,7 @@ class Response:
     status: int
     lines: list[bytes]  # the head's lines, status line first
     forward: list[Header]  # without hop-by-hop fields and those Connection names
+    kept: list[bytes]  # the lines of ``forward`` as received, which ``response_head`` renders
     length: int
     close: bool  # ``Connection: close``: the upstream connection ends after this response
     size: int
@@ -134,10 +136,10 @@ def parse_request(
     fields = _fields(lines, drop)
     if fields is None:
         return DECLINED
-    forward, length, close, hosts, host, other = fields
+    forward, kept, length, close, hosts, host, other = fields
     if hosts != 1 or length > max_body or other or line[1] == b"CONNECT":
         return DECLINED
-    return Request(line[1], line[2], lines, forward, host, max(length, 0), close, size)
+    return Request(line[1], line[2], lines, forward, kept, host, max(length, 0), close, size)
 
 
 def parse_response(
@@ -154,7 +156,7 @@ def parse_response(
     fields = _fields(lines, _DROPPED)
     if fields is None:
         return DECLINED
-    forward, length, close, _, _, other = fields
+    forward, kept, length, close, _, _, other = fields
     if other:
         return DECLINED  # chunked, or a protocol switch: h11 frames those
     status = int(line[1])
@@ -162,7 +164,7 @@ def parse_response(
         length = 0
     elif length < 0:
         return DECLINED  # no Content-Length: read until close; h11 re-frames that
-    return Response(status, lines, forward, length, close, size)
+    return Response(status, lines, forward, kept, length, close, size)
 
 
 def _head_lines(
@@ -188,12 +190,14 @@ def _incomplete(buf: bytes | bytearray, max_bytes: int) -> Declined | None:
 
 def _fields(
     lines: list[bytes], drop: frozenset[bytes]
-) -> tuple[list[Header], int, bool, int, bytes, set[bytes]] | None:
+) -> tuple[list[Header], list[bytes], int, bool, int, bytes, set[bytes]] | None:
     """The header lines after the first: (the fields to forward (not in ``drop`` nor named
-    by a Connection token), Content-Length or -1, ``close``, the number of Host fields and the
-    last one's value, which of Transfer-Encoding, Upgrade and Expect are present); None when
-    a line is not a plain field, or Content-Length is repeated or not one run of digits."""
+    by a Connection token), their lines, Content-Length or -1, ``close``, the number of Host
+    fields and the last one's value, which of Transfer-Encoding, Upgrade and Expect are
+    present); None when a line is not a plain field, or Content-Length is repeated or not one
+    run of digits."""
     forward: list[Header] = []
+    kept: list[bytes] = []
     length = -1
     hosts = 0
     host = b""
@@ -207,6 +211,7 @@ def _fields(
         field, lower = parsed
         if lower not in drop:
             forward.append(field)
+            kept.append(raw)
         if lower not in _SPECIAL:
             continue
         value = field[1]
@@ -223,8 +228,9 @@ def _fields(
             other.add(lower)
     named = tokens - _CONNECTION_OPTIONS - NEVER_DROPPED
     if named:  # Connection names fields of its own: they are not forwarded either
-        forward = [field for field in forward if field[0].lower() not in named]
-    return forward, length, b"close" in tokens, hosts, host, other
+        pairs = [(f, k) for f, k in zip(forward, kept, strict=True) if f[0].lower() not in named]
+        forward, kept = [f for f, _ in pairs], [k for _, k in pairs]
+    return forward, kept, length, b"close" in tokens, hosts, host, other
 
 
 def _field(raw: bytes) -> tuple[Header, bytes] | None:
@@ -249,19 +255,21 @@ def _as_received(lines: list[bytes]) -> list[Header]:
     return out
 
 
-def response_head(status_line: bytes, headers: list[Header]) -> bytes:
-    """A response head toward the client, fields as given (already rewritten)."""
-    out = [status_line, b"\r\n"]
-    for name, value in headers:
-        out += (name, b": ", value, b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+def response_head(status_line: bytes, lines: list[bytes]) -> bytes:
+    """A response head toward the client: its status line and field lines (as received, or
+    made with ``field_line``)."""
+    if not lines:
+        return status_line + b"\r\n\r\n"
+    return b"%s\r\n%s\r\n\r\n" % (status_line, b"\r\n".join(lines))
 
 
-def request_head(method: bytes, target: bytes, headers: list[Header]) -> bytes:
-    """A request head toward the upstream, fields as given (already rewritten)."""
-    out = [method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        out += (name, b": ", value, b"\r\n")
-    out.append(b"\r\n")
-    return b"".join(out)
+def request_head(method: bytes, target: bytes, lines: list[bytes]) -> bytes:
+    """A request head toward the upstream: its request line and field lines."""
+    if not lines:
+        return b"%s %s HTTP/1.1\r\n\r\n" % (method, target)
+    return b"%s %s HTTP/1.1\r\n%s\r\n\r\n" % (method, target, b"\r\n".join(lines))
+
+
+def field_line(name: bytes, value: bytes) -> bytes:
+    """A field line the proxy adds, for the renderers."""
+    return b"%s: %s" % (name, value)

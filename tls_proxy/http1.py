@@ -129,6 +129,8 @@ class _Http1:
             else frozenset()
         )
         self.drop = h1fast.dropped(self.identity)  # with the hop-by-hop fields
+        xfcc = session.xfcc
+        self.xfcc_line = b"" if xfcc is None else h1fast.field_line(XFCC_HEADER, xfcc)
 
     async def run(self) -> None:
         try:
@@ -353,9 +355,10 @@ class _Http1:
             ex.path = raw_target[:200]
             raise HttpRejected(400, "invalid_path", str(err)) from err
         ex.path = path = target.partition("?")[0]
-        forwarded = request.forward
+        forwarded, kept = request.forward, request.kept
         if self.s.xfcc is not None:
             forwarded.append((XFCC_HEADER, self.s.xfcc))
+            kept.append(self.xfcc_line)
         head = RequestHead(method, target, path, host, LazyHeaders(forwarded))
         answer = await self.s.chain.on_request(self.conn, head, ex)
         if answer is not None:
@@ -375,7 +378,7 @@ class _Http1:
         raw = bytes(self.buf[:end])  # kept whole: an h11 hand-over replays it
         del self.buf[:end]
         ex.bytes_in += request.length
-        data = h1fast.request_head(request.method, target, forwarded) + raw[request.size :]
+        data = h1fast.request_head(request.method, target, request.kept) + raw[request.size :]
         try:
             if self._start_fast(data):
                 await self._drain_up()
@@ -431,15 +434,15 @@ class _Http1:
         if response is DECLINED:
             return await self._response_h11(request, target, forwarded, raw, ex)
         ex.status = response.status
-        headers = response.forward
+        lines = response.kept
         if request.close:
-            headers.append((b"connection", b"close"))
+            lines.append(b"connection: close")
         end = response.size + response.length
         body = upbuf[response.size : end]  # what has arrived of the body
         del upbuf[:end]
         remaining = response.length - len(body)
         self.answered = True
-        out = h1fast.response_head(response.status_line, headers) + body
+        out = h1fast.response_head(response.status_line, lines) + body
         if self._put_down(out):
             await drain(self.writer, self.s.idle)
         while remaining:
@@ -507,16 +510,16 @@ class _Http1:
         """Send a filter's answer to a fast-path request (whose body was read whole)."""
         del self.buf[: request.size + request.length]
         ex.status = answer.status
-        headers: list[Header] = [
-            (b"content-type", b"text/plain"),
-            (b"content-length", str(len(answer.body)).encode()),
-            *answer.headers,
+        lines = [
+            b"content-type: text/plain",
+            b"content-length: %d" % len(answer.body),
+            *(h1fast.field_line(name, value) for name, value in answer.headers),
         ]
         if request.close:
-            headers.append((b"connection", b"close"))
+            lines.append(b"connection: close")
         status = b"HTTP/1.1 %d %s" % (answer.status, reason_phrase(answer.status))
         self.answered = True
-        await self._write_down(h1fast.response_head(status, headers) + answer.body)
+        await self._write_down(h1fast.response_head(status, lines) + answer.body)
         return not request.close
 
     async def _leave_h11(self) -> None:

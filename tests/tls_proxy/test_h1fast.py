@@ -19,6 +19,10 @@ LIMITS = {"max_bytes": 8192, "max_headers": 20, "max_body": 1000}
 STRIP = frozenset({b"x-forwarded-client-cert", b"x-a"})
 
 
+def _pairs(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    return [(line.partition(b":")[0], line.partition(b":")[2].strip(b" \t")) for line in lines]
+
+
 def parse(raw: bytes, **limits: int) -> h1fast.Request | h1fast.Declined | None:
     return h1fast.parse_request(raw, **{**LIMITS, **limits}, drop=h1fast.dropped(STRIP))
 
@@ -232,6 +236,7 @@ def test_an_accepted_request_reads_the_same_in_h11(raw: bytes) -> None:
     assert head.headers.raw_items() == request.headers
     assert request.close == wants_close(request.headers)
     assert request.forward == forward_headers(request.headers, strip=STRIP)
+    assert _pairs(request.kept) == request.forward  # the lines rendered are those fields
     assert [request.host] == [v for n, v in request.headers if n.lower() == b"host"]
     body = raw[request.size : request.size + request.length]
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == body
@@ -256,6 +261,7 @@ def test_an_accepted_response_reads_the_same_in_h11(raw: bytes, method: bytes) -
     assert head.headers.raw_items() == parsed.headers
     assert parsed.close == wants_close(parsed.headers)
     assert parsed.forward == forward_headers(parsed.headers)
+    assert _pairs(parsed.kept) == parsed.forward
     body = raw[parsed.size : parsed.size + parsed.length]
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == body
     assert isinstance(events[-1], h11.EndOfMessage) == (len(body) == parsed.length)
