@@ -458,17 +458,9 @@ class _Http1:
 
     async def _recv_up(self, reader: asyncio.StreamReader) -> bytes:
         """The next bytes of the upstream's answer; an error, the idle timeout or an early
-        end fails it. (``_recv`` written out: this read is on every request.)"""
-        self.deadline.arm(asyncio.get_running_loop().time() + self.s.idle)
+        end fails it."""
         try:
-            try:
-                data = await reader.read(CHUNK)
-            except asyncio.CancelledError:
-                if self.deadline.expired():
-                    raise TimeoutError from None
-                raise
-            finally:
-                self.deadline.disarm()
+            data = await self._recv(reader, asyncio.get_running_loop().time() + self.s.idle)
         except (OSError, ssl.SSLError) as err:  # TimeoutError included
             raise _UpstreamFailed(f"{type(err).__name__}: {err}") from err
         if not data:

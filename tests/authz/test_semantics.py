@@ -902,23 +902,12 @@ def test_default_posture(
     allowed: bool,
     reason: str,
 ) -> None:
-    verdict = engine([], default_posture=default, postures=overrides).evaluate(request_)
+    compiled = engine([], default_posture=default, postures=overrides)
+    verdict = compiled.evaluate(request_)
     assert (verdict.allowed, verdict.policy, verdict.rule) == (allowed, None, None)
     assert reason in verdict.reason
-
-
-@pytest.mark.parametrize(("default", "overrides", "request_", "allowed", "reason"), POSTURES)
-def test_posture_only_is_evaluate_where_no_policy_selects_the_workload(
-    default: Posture,
-    overrides: dict[str, Posture],
-    request_: Request,
-    allowed: bool,
-    reason: str,
-) -> None:
-    compiled = engine([], default_posture=default, postures=overrides)
-    quick = compiled.posture_only(request_.destination, request_.source_principal)
-    assert quick == compiled.evaluate(request_)
-    assert quick is not None and quick.allowed is allowed
+    # No policy selects the workload: posture_only decides the same without the request.
+    assert compiled.posture_only(request_.destination, request_.source_principal) == verdict
 
 
 def test_posture_only_defers_to_evaluate_where_a_policy_selects_the_workload() -> None:

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
 from tls_proxy import streams
+
+
+def _in_a_loop(case: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """A test case run in an event loop of its own."""
+
+    @functools.wraps(case)
+    def test() -> None:
+        asyncio.run(case())
+
+    return test
 
 
 async def _waiting(reader: streams.Reader, n: int) -> asyncio.Task[bytes]:
@@ -17,7 +30,8 @@ async def _waiting(reader: streams.Reader, n: int) -> asyncio.Task[bytes]:
     return task
 
 
-async def _a_waiting_read_is_handed_the_bytes_and_the_rest_is_buffered() -> None:
+@_in_a_loop
+async def test_a_waiting_read_is_handed_the_bytes_and_the_rest_is_buffered() -> None:
     reader = streams.Reader()
     task = await _waiting(reader, 4)
     reader.feed_data(b"abcdef")
@@ -26,7 +40,8 @@ async def _a_waiting_read_is_handed_the_bytes_and_the_rest_is_buffered() -> None
     assert reader._wants == 0 and reader._waiter is None
 
 
-async def _a_read_with_bytes_buffered_takes_them_first() -> None:
+@_in_a_loop
+async def test_a_read_with_bytes_buffered_takes_them_first() -> None:
     reader = streams.Reader()
     reader.feed_data(b"first")
     assert await reader.read(3) == b"fir"
@@ -35,7 +50,8 @@ async def _a_read_with_bytes_buffered_takes_them_first() -> None:
     assert reader._waiter is None
 
 
-async def _eof_while_waiting_reads_empty() -> None:
+@_in_a_loop
+async def test_eof_while_waiting_reads_empty() -> None:
     reader = streams.Reader()
     task = await _waiting(reader, 10)
     reader.feed_eof()
@@ -43,7 +59,8 @@ async def _eof_while_waiting_reads_empty() -> None:
     assert reader.at_eof()
 
 
-async def _an_error_while_waiting_is_raised_by_the_read() -> None:
+@_in_a_loop
+async def test_an_error_while_waiting_is_raised_by_the_read() -> None:
     reader = streams.Reader()
     task = await _waiting(reader, 10)
     reader.set_exception(ConnectionResetError("reset by peer"))
@@ -51,7 +68,8 @@ async def _an_error_while_waiting_is_raised_by_the_read() -> None:
         await task
 
 
-async def _a_cancelled_read_leaves_later_bytes_in_the_buffer() -> None:
+@_in_a_loop
+async def test_a_cancelled_read_leaves_later_bytes_in_the_buffer() -> None:
     reader = streams.Reader()
     task = await _waiting(reader, 10)
     task.cancel()
@@ -63,7 +81,8 @@ async def _a_cancelled_read_leaves_later_bytes_in_the_buffer() -> None:
     assert await reader.read(10) == b"late"
 
 
-async def _read_all_and_zero_take_asyncio_path() -> None:
+@_in_a_loop
+async def test_read_all_and_zero_take_asyncio_path() -> None:
     reader = streams.Reader()
     assert await reader.read(0) == b""
     reader.feed_data(b"one ")
@@ -72,7 +91,8 @@ async def _read_all_and_zero_take_asyncio_path() -> None:
     assert await reader.read() == b"one two"
 
 
-async def _a_connection_through_open_connection_and_start_server() -> None:
+@_in_a_loop
+async def test_a_connection_through_open_connection_and_start_server() -> None:
     """Real sockets on loopback, both ends made by the module, bytes both ways."""
     received: list[bytes] = []
 
@@ -97,31 +117,3 @@ async def _a_connection_through_open_connection_and_start_server() -> None:
     await writer.wait_closed()
     server.close()
     await server.wait_closed()
-
-
-def test_a_waiting_read_is_handed_the_bytes_and_the_rest_is_buffered() -> None:
-    asyncio.run(_a_waiting_read_is_handed_the_bytes_and_the_rest_is_buffered())
-
-
-def test_a_read_with_bytes_buffered_takes_them_first() -> None:
-    asyncio.run(_a_read_with_bytes_buffered_takes_them_first())
-
-
-def test_eof_while_waiting_reads_empty() -> None:
-    asyncio.run(_eof_while_waiting_reads_empty())
-
-
-def test_an_error_while_waiting_is_raised_by_the_read() -> None:
-    asyncio.run(_an_error_while_waiting_is_raised_by_the_read())
-
-
-def test_a_cancelled_read_leaves_later_bytes_in_the_buffer() -> None:
-    asyncio.run(_a_cancelled_read_leaves_later_bytes_in_the_buffer())
-
-
-def test_read_all_and_zero_take_asyncio_path() -> None:
-    asyncio.run(_read_all_and_zero_take_asyncio_path())
-
-
-def test_a_connection_through_open_connection_and_start_server() -> None:
-    asyncio.run(_a_connection_through_open_connection_and_start_server())
