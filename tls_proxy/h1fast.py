@@ -50,9 +50,11 @@ _OWS = b" \t"
 # Field lines seen before, parsed: ((name, value), lower-case name). Services send the same
 # lines over and over (Host, Content-Type, Server, Connection...), and a line found here costs
 # one dict lookup instead of a match and three byte operations. It remembers a pure function of
-# the exact bytes, so it changes no result; at most _SEEN_MAX lines, emptied when full.
+# the exact bytes, so it changes no result; at most _SEEN_MAX lines of at most _SEEN_LINE bytes
+# (about 150 KiB), emptied when full: long or ever-new lines from a client cost what they did.
 _SEEN: dict[bytes, tuple[Header, bytes]] = {}
 _SEEN_MAX = 512
+_SEEN_LINE = 256
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 _BLANK_LINE = re.compile(rb"\n\r?\n")  # where h11 ends a head, bare LF included
 # Fields that send a message down h11's path: framing and protocol switches it handles itself.
@@ -234,15 +236,17 @@ def _fields(
 
 
 def _field(raw: bytes) -> tuple[Header, bytes] | None:
-    """A field line parsed, and remembered in ``_SEEN``; None when it is not a plain field."""
+    """A field line parsed, and remembered in ``_SEEN`` if short; None when it is not a plain
+    field."""
     match = _FIELD.fullmatch(raw)
     if match is None:
         return None
     name = match[1]
     parsed = (name, match[2].strip(_OWS)), name.lower()
-    if len(_SEEN) >= _SEEN_MAX:
-        _SEEN.clear()
-    _SEEN[raw] = parsed
+    if len(raw) <= _SEEN_LINE:
+        if len(_SEEN) >= _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[raw] = parsed
     return parsed
 
 

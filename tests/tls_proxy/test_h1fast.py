@@ -50,6 +50,11 @@ def test_field_lines_seen_before_read_the_same_and_the_memory_is_bounded() -> No
     assert again.forward == [(b"Host", b"web"), (b"X-Trace", b"t1")]
     assert parse(b"GET / HTTP/1.1\r\nHost: web\r\nX-Bad: a\x01b\r\n\r\n") is DECLINED
     assert b"X-Bad: a\x01b" not in h1fast._SEEN
+    long = b"X-Long: " + b"v" * h1fast._SEEN_LINE
+    assert isinstance(
+        parse(b"GET / HTTP/1.1\r\nHost: web\r\n" + long + b"\r\n\r\n"), h1fast.Request
+    )
+    assert long not in h1fast._SEEN  # read, not remembered: the memory stays small
     for n in range(h1fast._SEEN_MAX + 10):
         assert isinstance(
             parse(b"GET / HTTP/1.1\r\nHost: web\r\nX-N: %d\r\n\r\n" % n), h1fast.Request
