@@ -375,9 +375,19 @@ class Agent:
         if self._scheduler is None:
             return
         self._scheduler.add_job(
-            self.rotate, "date", run_date=when, id="rotate", replace_existing=True,
+            self._scheduled_rotate, "date", run_date=when, id="rotate", replace_existing=True,
             misfire_grace_time=None, coalesce=True,
         )  # fmt: skip
+
+    async def _scheduled_rotate(self) -> None:
+        """``rotate`` as the scheduler runs it. A pass that shutdown cuts short (its server
+        call cancelled as the clients close) ends quietly instead of being logged by the
+        scheduler as a failed job with a traceback; at any other time a cancel propagates."""
+        try:
+            await self.rotate()
+        except asyncio.CancelledError:
+            if not self._stop.is_set():
+                raise
 
     async def _sign_jwt(self, entry_id: str, audience: Sequence[str]) -> tuple[str, int]:
         return await self._client().sign_jwt(entry_id, audience)
