@@ -495,23 +495,21 @@ def _authority_group(kind: str) -> typer.Typer:
         """Prepare the next authority (published in the bundle, not yet signing)."""
         _show(_call(socket, "POST", f"/v1/authorities/{kind}/prepare"), output)
 
-    @group.command("activate")
-    def activate(
-        authority_id: Annotated[str, typer.Option("--authority-id")],
-        socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
-        output: OutputOpt = Output.text,
-    ) -> None:
-        """Make the prepared authority the signer."""
-        _show(_call(socket, "POST", f"/v1/authorities/{kind}/{authority_id}/activate"), output)
+    def _transition(action: str, help_text: str) -> None:
+        """``meshid authority KIND ACTION --authority-id ID``: one POST, the authority shown."""
 
-    @group.command("taint")
-    def taint(
-        authority_id: Annotated[str, typer.Option("--authority-id")],
-        socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
-        output: OutputOpt = Output.text,
-    ) -> None:
-        """Mark an old authority: every SVID it signed must be replaced now."""
-        _show(_call(socket, "POST", f"/v1/authorities/{kind}/{authority_id}/taint"), output)
+        def command(
+            authority_id: Annotated[str, typer.Option("--authority-id")],
+            socket: SocketOpt = DEFAULT_ADMIN_SOCKET,
+            output: OutputOpt = Output.text,
+        ) -> None:
+            _show(_call(socket, "POST", f"/v1/authorities/{kind}/{authority_id}/{action}"), output)
+
+        command.__doc__ = help_text
+        group.command(action)(command)
+
+    _transition("activate", "Make the prepared authority the signer.")
+    _transition("taint", "Mark an old authority: every SVID it signed must be replaced now.")
 
     @group.command("revoke")
     def revoke(
