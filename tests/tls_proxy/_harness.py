@@ -98,6 +98,15 @@ async def running(config: dict[str, Any], base: Path) -> AsyncIterator[Running]:
         await proxy.stop()
 
 
+def inbound_listener(port: int, protocol: str | None = None, name: str = "web") -> dict[str, Any]:
+    """An inbound listener on a free loopback port forwarding to the app on ``port``
+    (``protocol`` left to the config's default when None)."""
+    listener = {"name": name, "listen": "127.0.0.1:0", "forward": f"127.0.0.1:{port}"}
+    if protocol is not None:
+        listener["protocol"] = protocol
+    return listener
+
+
 @asynccontextmanager
 async def inbound_in_front_of(
     tmp: Path, app_port: int, **sections: Any
@@ -110,14 +119,7 @@ async def inbound_in_front_of(
         tmp / "web",
         mint(ca, WEB),
         [ca],
-        inbound=[
-            {
-                "name": "web",
-                "listen": "127.0.0.1:0",
-                "forward": f"127.0.0.1:{app_port}",
-                "protocol": "http",
-            }
-        ],
+        inbound=[inbound_listener(app_port, "http")],
         **sections,
     )
     async with running(config, tmp / "web") as inbound:

@@ -15,7 +15,7 @@ from typing import Any
 import h11
 import pytest
 
-from ._harness import Running, client_context, proxy_config, running
+from ._harness import Running, client_context, inbound_listener, proxy_config, running
 from ._http import Client, EchoApp, http_echo_app, raw_exchange
 from ._pki import CLIENT, WEB, Authority, mint, new_authority
 
@@ -72,14 +72,7 @@ async def mesh(
             tmp / "web",
             mint(ca, WEB),
             [ca],
-            inbound=[
-                {
-                    "name": "web",
-                    "listen": "127.0.0.1:0",
-                    "forward": f"127.0.0.1:{app.port}",
-                    "protocol": "http",
-                }
-            ],
+            inbound=[inbound_listener(app.port, "http")],
             **web_sections,
         )
         async with running(web, tmp) as inbound:

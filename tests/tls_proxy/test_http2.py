@@ -17,7 +17,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from ._harness import Running, echo_app, exchange, proxy_config, running
+from ._harness import Running, echo_app, exchange, inbound_listener, proxy_config, running
 from ._http import Client, http_echo_app
 from ._pki import CLIENT, WEB, Authority, mint, new_authority
 
@@ -88,8 +88,7 @@ async def grpc_backend() -> AsyncIterator[Backend]:
 
 
 def _inbound(name: str, port: int, protocol: str) -> dict[str, Any]:
-    return {"name": name, "listen": "127.0.0.1:0", "forward": f"127.0.0.1:{port}",
-            "protocol": protocol}  # fmt: skip
+    return inbound_listener(port, protocol, name)
 
 
 def _outbound(name: str, port: int, protocol: str) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from tls_proxy import ConfigError, parse_config
 from workload_api.server import WorkloadApiServer
 from workload_api.static import StaticIdentityProvider
 
-from ._harness import Running, running
+from ._harness import Running, inbound_listener, running
 from ._http import Client, http_echo_app
 
 WEB = wl_pki.WEB
@@ -113,14 +113,7 @@ async def mesh(tmp: Path, identity: dict[str, Any], jwt: dict[str, Any]) -> Asyn
             "identity": identity,
             "admin": {"listen": "127.0.0.1:0"},
             "timeouts": {"drain": 2, "handshake": 5},
-            "inbound": [
-                {
-                    "name": "web",
-                    "listen": "127.0.0.1:0",
-                    "forward": f"127.0.0.1:{app.port}",
-                    "protocol": "http",
-                }
-            ],
+            "inbound": [inbound_listener(app.port, "http")],
             "policy": {"file": "policy.yaml"},
             "jwt": jwt,
         }

@@ -27,7 +27,7 @@ from tests.ca.nodeapi_support import Harness, running
 from tls_proxy.filters.authz import NO_POLICY_YET
 from tls_proxy.policy_source import RETRY_FIRST, RETRY_MAX, retry_delay
 
-from ._harness import Running, echo_app, exchange
+from ._harness import Running, echo_app, exchange, inbound_listener
 from ._harness import running as proxy_running
 from ._pki import CLIENT, WEB
 
@@ -74,7 +74,7 @@ def _inbound(h: Harness, tmp: Path, echo_port: int, **policy: Any) -> dict[str, 
         "admin": {"listen": "127.0.0.1:0"},
         "timeouts": {"drain": 2, "handshake": 5},
         "default_posture": "allow",
-        "inbound": [{"name": "web", "listen": "127.0.0.1:0", "forward": f"127.0.0.1:{echo_port}"}],
+        "inbound": [inbound_listener(echo_port)],
         "policy": {"server": h.address, **policy},
     }
 

@@ -23,7 +23,7 @@ import pytest
 
 from tests.support.processes import ServerProcess, free_port
 
-from ._harness import Running, echo_app, exchange
+from ._harness import Running, echo_app, exchange, inbound_listener
 from ._harness import running as proxy_running
 from ._http import Client, http_echo_app
 from ._pki import CLIENT, WEB
@@ -93,14 +93,7 @@ async def proxy_pair(
         **common,
         "identity": _mint(server.process, WEB, root / "web"),
         "default_posture": "allow",
-        "inbound": [
-            {
-                "name": "web",
-                "listen": "127.0.0.1:0",
-                "forward": f"127.0.0.1:{app_port}",
-                "protocol": protocol,
-            }
-        ],
+        "inbound": [inbound_listener(app_port, protocol)],
         "policy": {"server": server.node_api},
     }
     async with proxy_running(web, root) as inbound:
