@@ -152,7 +152,7 @@ class _Http1:
 
     async def _one(self) -> bool:
         """Serve one request; True when the connection may carry the next one."""
-        ex = Exchange()
+        ex = Exchange(0.0)  # started at the first byte (_begin): no end is reported before
         self.begun = False
         self.answered = False
         try:

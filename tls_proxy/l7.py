@@ -93,8 +93,10 @@ class Exchange:
     bytes_in: int = 0  # request body bytes
     bytes_out: int = 0  # response body bytes
 
-    def __init__(self) -> None:
-        self.started = time.monotonic()  # the codec moves it to the first byte (HTTP/1.1)
+    def __init__(self, started: float | None = None) -> None:
+        # now, or when the codec says (HTTP/1.1 makes one before the keep-alive wait and
+        # stamps it at the request's first byte)
+        self.started = time.monotonic() if started is None else started
 
     @property
     def started_at(self) -> datetime:
