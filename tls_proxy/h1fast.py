@@ -18,8 +18,10 @@ it to h11 and the hardening checks of ``l7``, which accept it with its full sema
 with the precise reason. So what this module accepts is a subset of what the h11 path accepts,
 and it is read the same way (``tests/tls_proxy/test_h1fast.py`` compares the two on generated
 heads). While reading the fields it also keeps those to forward (``forward``: what
-``l7.forward_headers`` would keep), so the hot path walks them once. Pure: bytes in, values
-out; it must not do I/O.
+``l7.forward_headers`` would keep), as pairs and as the lines received (``kept``, which
+``request_head`` and ``response_head`` join), so the hot path walks them once. Pure: bytes in,
+values out; it must not do I/O. Its one state is a bounded memory of field lines already
+parsed (``_SEEN``), which changes no result.
 """
 
 from __future__ import annotations
